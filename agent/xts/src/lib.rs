@@ -1,0 +1,1 @@
+//! AES-256-XTS engine (placeholder until the engine lands).

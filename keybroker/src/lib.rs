@@ -1,0 +1,1 @@
+//! nodecrypt key broker.
