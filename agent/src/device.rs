@@ -1,0 +1,1 @@
+//! Block-device probing and safety checks (placeholder).
