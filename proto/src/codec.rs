@@ -67,7 +67,10 @@ fn check(type_name: &str, mut buf: &[u8], depth: u32) -> Result<(), Status> {
             return Err(Status::invalid_argument(format!(
                 "unknown field {number} in {type_name}: this server speaks the contract \
                  in proto/{}; upgrade the client or drop the field",
-                type_name.rsplit_once('.').map_or("", |(p, _)| p).replace('.', "/")
+                type_name
+                    .rsplit_once('.')
+                    .map_or("", |(p, _)| p)
+                    .replace('.', "/")
             )));
         };
         let malformed = || Status::invalid_argument(format!("malformed {type_name}"));
@@ -169,11 +172,19 @@ mod tests {
         prost::encoding::uint64::encode(99, &7, &mut extra);
         let err = check("nodecrypt.keybroker.v1.CreateVolumeKeyRequest", &extra, 0).unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
-        assert!(err.message().contains("unknown field 99"), "{}", err.message());
+        assert!(
+            err.message().contains("unknown field 99"),
+            "{}",
+            err.message()
+        );
 
         // A GetVolumeKeyRequest is not a CreateVolumeKeyRequest field-for-field... but its
         // fields 1 and 2 exist there too; field 3 of a map entry nests and is checked.
-        let get = GetVolumeKeyRequest { volume_id: "v".into(), version: 2 }.encode_to_vec();
+        let get = GetVolumeKeyRequest {
+            volume_id: "v".into(),
+            version: 2,
+        }
+        .encode_to_vec();
         check("nodecrypt.keybroker.v1.GetVolumeKeyRequest", &get, 0).unwrap();
     }
 
@@ -186,14 +197,26 @@ mod tests {
         let mut msg = Vec::new();
         prost::encoding::bytes::encode(3, &entry, &mut msg);
         let err = check("nodecrypt.keybroker.v1.CreateVolumeKeyRequest", &msg, 0).unwrap_err();
-        assert!(err.message().contains("unknown field 5"), "{}", err.message());
+        assert!(
+            err.message().contains("unknown field 5"),
+            "{}",
+            err.message()
+        );
     }
 
     #[test]
     fn truncated_input_is_malformed_not_a_panic() {
-        let bytes = GetVolumeKeyRequest { volume_id: "abcdef".into(), version: 1 }.encode_to_vec();
+        let bytes = GetVolumeKeyRequest {
+            volume_id: "abcdef".into(),
+            version: 1,
+        }
+        .encode_to_vec();
         for cut in 0..bytes.len() {
-            let _ = check("nodecrypt.keybroker.v1.GetVolumeKeyRequest", &bytes[..cut], 0);
+            let _ = check(
+                "nodecrypt.keybroker.v1.GetVolumeKeyRequest",
+                &bytes[..cut],
+                0,
+            );
         }
     }
 }

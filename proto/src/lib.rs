@@ -53,7 +53,13 @@ mod tests {
             current_version: 3,
         };
         let s = format!("{k:?}");
-        assert!(s.contains("vol-a") && s.contains("redacted 64 bytes"), "{s}");
-        assert!(!s.to_lowercase().contains("ab, ") && !s.contains("171"), "{s}");
+        assert!(
+            s.contains("vol-a") && s.contains("redacted 64 bytes"),
+            "{s}"
+        );
+        assert!(
+            !s.to_lowercase().contains("ab, ") && !s.contains("171"),
+            "{s}"
+        );
     }
 }

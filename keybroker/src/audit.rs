@@ -1,0 +1,360 @@
+//! The audit log: one JSON line per key operation (time, peer identity, peer address,
+//! rpc, volume_id, version, result). Each line ends in `"hash"`, the SHA-256 of the line
+//! before that field, and carries in `"prev"` the hash of the previous line: an edited
+//! line no longer matches its own hash, and a removed, inserted or reordered line breaks
+//! the chain, so `verify` names the first bad line.
+//!
+//! Audit before release: a call's response waits until its line is written (and, by
+//! default, fsynced). Lines are group-committed by one writer thread, so concurrent calls
+//! share an fsync. Never key material: an [`AuditEvent`] has no field that could hold it.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot};
+
+/// `prev` of the first line.
+pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// One key operation, as recorded.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AuditEvent {
+    /// The caller's SPIFFE id (or "unauthenticated: <why>").
+    pub peer: String,
+    /// The caller's socket address.
+    pub peer_addr: String,
+    /// The RPC name.
+    pub rpc: String,
+    /// The volume concerned (empty for listings).
+    pub volume_id: String,
+    /// The key version concerned, when one is.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub version: Option<u64>,
+    /// The gRPC code name of the outcome ("OK", "PERMISSION_DENIED", …).
+    pub result: String,
+    /// Extra context: the error message, or e.g. the new node of a rebind.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub detail: Option<String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Line {
+    seq: u64,
+    time: String,
+    #[serde(flatten)]
+    event: AuditEvent,
+    prev: String,
+}
+
+/// Audit errors.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// The log could not be opened, read or written.
+    #[error("audit log {path}: {what}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What failed.
+        what: String,
+    },
+    /// The writer thread is gone.
+    #[error("audit log writer stopped; refusing to serve keys unaudited")]
+    Stopped,
+}
+
+/// A verification failure at a line (1-based).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("line {line}: {what}")]
+pub struct VerifyError {
+    /// The first bad line.
+    pub line: u64,
+    /// What is wrong with it.
+    pub what: String,
+}
+
+type Job = (AuditEvent, oneshot::Sender<Result<(), String>>);
+
+/// Handle to the audit log; cheap to clone.
+#[derive(Clone)]
+pub struct AuditLog {
+    tx: mpsc::Sender<Job>,
+}
+
+fn sha256_hex(line: &[u8]) -> String {
+    hex::encode(Sha256::digest(line))
+}
+
+/// Splits a written line into the hashed preimage (the object without its hash field)
+/// and the recorded hash.
+fn split_hash(line: &[u8]) -> Option<(Vec<u8>, String)> {
+    const SUFFIX_LEN: usize = ",\"hash\":\"\"}".len() + 64;
+    if line.len() < SUFFIX_LEN {
+        return None;
+    }
+    let (body, suffix) = line.split_at(line.len() - SUFFIX_LEN);
+    let hash = suffix.strip_prefix(b",\"hash\":\"")?.strip_suffix(b"\"}")?;
+    let hash = std::str::from_utf8(hash).ok()?;
+    if !hash
+        .bytes()
+        .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    {
+        return None;
+    }
+    let mut preimage = body.to_vec();
+    preimage.push(b'}');
+    Some((preimage, hash.to_string()))
+}
+
+/// Reads the last complete line; truncates a torn tail (a crash mid-write) first.
+fn recover_tail(path: &Path, file: &mut File) -> Result<Option<(u64, String)>, AuditError> {
+    let io = |e: std::io::Error| AuditError::Io {
+        path: path.into(),
+        what: e.to_string(),
+    };
+    let len = file.metadata().map_err(io)?.len();
+    if len == 0 {
+        return Ok(None);
+    }
+    let window = len.min(1 << 20);
+    file.seek(SeekFrom::Start(len - window)).map_err(io)?;
+    let mut tail = Vec::with_capacity(window as usize);
+    file.take(window).read_to_end(&mut tail).map_err(io)?;
+    let complete = match tail.iter().rposition(|&b| b == b'\n') {
+        Some(p) => p + 1,
+        None if window == len => 0,
+        None => {
+            return Err(AuditError::Io {
+                path: path.into(),
+                what: "last line longer than 1 MiB".into(),
+            })
+        }
+    };
+    if complete < tail.len() {
+        let keep = len - (tail.len() - complete) as u64;
+        tracing::warn!(path = %path.display(), dropped_bytes = tail.len() - complete,
+            "audit log ends in a torn line (crash mid-write); truncating it");
+        file.set_len(keep).map_err(io)?;
+        file.sync_all().map_err(io)?;
+    }
+    let body = &tail[..complete];
+    let Some(body) = body.strip_suffix(b"\n") else {
+        return Ok(None);
+    };
+    let start = body.iter().rposition(|&b| b == b'\n').map_or(0, |p| p + 1);
+    let last = &body[start..];
+    let bad = |what: String| AuditError::Io {
+        path: path.into(),
+        what: format!("last line {what}; run `nodecrypt-keybroker audit verify`"),
+    };
+    let (preimage, hash) = split_hash(last).ok_or_else(|| bad("has no hash".into()))?;
+    let parsed: Line =
+        serde_json::from_slice(&preimage).map_err(|e| bad(format!("does not parse ({e})")))?;
+    Ok(Some((parsed.seq, hash)))
+}
+
+impl AuditLog {
+    /// Opens (or creates, mode 0600) the log at `path` and starts its writer thread.
+    /// With `fsync`, each batch is fsynced before its callers are answered.
+    pub fn open(path: &Path, fsync: bool) -> Result<Self, AuditError> {
+        let io = |e: std::io::Error| AuditError::Io {
+            path: path.into(),
+            what: e.to_string(),
+        };
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).map_err(io)?;
+        }
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(io)?;
+        let (mut seq, mut prev) =
+            recover_tail(path, &mut file)?.unwrap_or((0, GENESIS.to_string()));
+        let (tx, mut rx) = mpsc::channel::<Job>(4096);
+        let path = path.to_path_buf();
+        std::thread::Builder::new()
+            .name("audit-writer".into())
+            .spawn(move || {
+                let mut batch = Vec::with_capacity(256);
+                let mut buf = Vec::with_capacity(64 * 1024);
+                while let Some(first) = rx.blocking_recv() {
+                    batch.push(first);
+                    while batch.len() < 1024 {
+                        match rx.try_recv() {
+                            Ok(job) => batch.push(job),
+                            Err(_) => break,
+                        }
+                    }
+                    buf.clear();
+                    let (mut s, mut p) = (seq, prev.clone());
+                    for (event, _) in &batch {
+                        s += 1;
+                        let line = Line {
+                            seq: s,
+                            time: crate::now_rfc3339(),
+                            event: event.clone(),
+                            prev: std::mem::take(&mut p),
+                        };
+                        let start = buf.len();
+                        serde_json::to_writer(&mut buf, &line).expect("audit line serialises");
+                        p = sha256_hex(&buf[start..]);
+                        buf.pop(); // the closing brace; the hash field closes the object
+                        buf.extend_from_slice(format!(",\"hash\":\"{p}\"}}\n").as_bytes());
+                    }
+                    let written = file
+                        .write_all(&buf)
+                        .and_then(|_| if fsync { file.sync_data() } else { Ok(()) });
+                    let outcome = match written {
+                        Ok(()) => {
+                            (seq, prev) = (s, p);
+                            Ok(())
+                        }
+                        Err(e) => {
+                            tracing::error!(path = %path.display(), error = %e, "audit write failed");
+                            // Drop whatever part reached the file so the chain stays whole.
+                            let _ = recover_tail(&path, &mut file);
+                            Err(e.to_string())
+                        }
+                    };
+                    for (_, reply) in batch.drain(..) {
+                        let _ = reply.send(outcome.clone());
+                    }
+                }
+            })
+            .map_err(|e| AuditError::Io { path: PathBuf::new(), what: e.to_string() })?;
+        Ok(Self { tx })
+    }
+
+    /// Records `event` and returns once it is durable.
+    pub async fn record(&self, event: AuditEvent) -> Result<(), AuditError> {
+        let (reply, done) = oneshot::channel();
+        self.tx
+            .send((event, reply))
+            .await
+            .map_err(|_| AuditError::Stopped)?;
+        match done.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(what)) => Err(AuditError::Io {
+                path: PathBuf::from("audit log"),
+                what,
+            }),
+            Err(_) => Err(AuditError::Stopped),
+        }
+    }
+}
+
+/// Verifies the chain of the log at `path`; returns the number of lines.
+pub fn verify(path: &Path) -> Result<u64, VerifyError> {
+    let file = File::open(path).map_err(|e| VerifyError {
+        line: 0,
+        what: format!("{}: {e}", path.display()),
+    })?;
+    let mut reader = BufReader::new(file);
+    let mut prev = GENESIS.to_string();
+    let mut expected_seq = None;
+    let mut n = 0u64;
+    let mut raw = Vec::new();
+    loop {
+        raw.clear();
+        let read = reader
+            .read_until(b'\n', &mut raw)
+            .map_err(|e| VerifyError {
+                line: n + 1,
+                what: e.to_string(),
+            })?;
+        if read == 0 {
+            return Ok(n);
+        }
+        n += 1;
+        let bad = |what: String| VerifyError { line: n, what };
+        let Some(line) = raw.strip_suffix(b"\n") else {
+            return Err(bad("torn: no end of line".into()));
+        };
+        let (preimage, hash) =
+            split_hash(line).ok_or_else(|| bad("has no trailing hash field".into()))?;
+        let parsed: Line =
+            serde_json::from_slice(&preimage).map_err(|e| bad(format!("does not parse: {e}")))?;
+        if sha256_hex(&preimage) != hash {
+            return Err(bad(
+                "content does not match its hash: the line was edited".into()
+            ));
+        }
+        if parsed.prev != prev {
+            return Err(bad(format!(
+                "hash chain broken: prev is {} but the previous line's hash is {prev} \
+                 (a line before it was removed, inserted or reordered)",
+                parsed.prev
+            )));
+        }
+        if let Some(e) = expected_seq {
+            if parsed.seq != e {
+                return Err(bad(format!(
+                    "sequence {} where {e} was expected",
+                    parsed.seq
+                )));
+            }
+        }
+        expected_seq = Some(parsed.seq + 1);
+        prev = hash;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(rpc: &str) -> AuditEvent {
+        AuditEvent {
+            peer: "spiffe://t/node/n1".into(),
+            peer_addr: "127.0.0.1:1".into(),
+            rpc: rpc.into(),
+            volume_id: "v".into(),
+            version: Some(1),
+            result: "OK".into(),
+            detail: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn chain_survives_reopen_and_detects_edits_and_torn_tails() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        {
+            let log = AuditLog::open(&path, true).unwrap();
+            for i in 0..5 {
+                log.record(ev(&format!("Rpc{i}"))).await.unwrap();
+            }
+        }
+        // A crash mid-write leaves a torn line: reopening truncates it and continues the chain.
+        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(b"{\"seq\":6,\"ti").unwrap();
+        drop(f);
+        assert_eq!(verify(&path).unwrap_err().line, 6);
+        {
+            let log = AuditLog::open(&path, false).unwrap();
+            log.record(ev("After")).await.unwrap();
+        }
+        assert_eq!(verify(&path).unwrap(), 6);
+
+        let text = fs::read_to_string(&path).unwrap();
+        let edited = text.replacen("Rpc2", "Rpc9", 1);
+        fs::write(&path, edited).unwrap();
+        let err = verify(&path).unwrap_err();
+        assert_eq!(err.line, 3, "{err}");
+        assert!(err.what.contains("edited"), "{err}");
+
+        // Removing a line (and so re-hashing nothing): the chain breaks at the next one.
+        let lines: Vec<&str> = text.lines().collect();
+        let removed = [&lines[..2], &lines[3..]].concat().join("\n") + "\n";
+        fs::write(&path, removed).unwrap();
+        let err = verify(&path).unwrap_err();
+        assert_eq!(err.line, 3, "{err}");
+        assert!(err.what.contains("chain broken"), "{err}");
+    }
+}

@@ -1,0 +1,205 @@
+//! Wiring of the running broker: KEK and store checks, the TLS accept loop (one deadline
+//! per handshake, so a silent client costs nothing but a timer), gRPC health and
+//! reflection, graceful shutdown (NOT_SERVING, drain).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use nodecrypt_proto::keybroker::v1::key_broker_server::KeyBrokerServer;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::transport::Server;
+use tracing::{debug, info, warn};
+
+use crate::audit::{AuditError, AuditLog};
+use crate::config::Config;
+use crate::service::Broker;
+use crate::store::redb::{RedbStore, STORE_FILE};
+use crate::store::{KeyStore, StoreError};
+use crate::tls::{self, TlsError};
+use crate::wrap::{Kek, WrapError};
+
+/// Metadata key holding the id of the KEK the store was written with.
+pub const META_KEK_ID: &str = "kek_id";
+
+/// Why the broker could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// KEK file problem.
+    #[error(transparent)]
+    Kek(#[from] WrapError),
+    /// The KEK is not the one the store was written with.
+    #[error("the KEK in {kek_path} (id {loaded}) is not the KEK this store was written with (id {expected}); refusing to start and changing nothing. Restore the KEK file that belongs to {store_path}")]
+    WrongKek {
+        /// KEK file.
+        kek_path: String,
+        /// Loaded id.
+        loaded: String,
+        /// Id recorded in the store.
+        expected: String,
+        /// Store file.
+        store_path: String,
+    },
+    /// Store problem.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Audit log problem.
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    /// TLS configuration problem.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// Socket or server problem.
+    #[error("{0}")]
+    Io(String),
+}
+
+/// Reads the KEK id the store records without writing to it (a read-only open).
+fn recorded_kek_id(path: &std::path::Path) -> Result<Option<String>, StoreError> {
+    use redb::{ReadableDatabase, TableDefinition};
+    if !path.exists() {
+        return Ok(None);
+    }
+    let db = redb::ReadOnlyDatabase::open(path)
+        .map_err(|e| StoreError::Backend(format!("{}: {e}", path.display())))?;
+    let r = db
+        .begin_read()
+        .map_err(|e| StoreError::Backend(e.to_string()))?;
+    let meta: TableDefinition<&str, &str> = TableDefinition::new("meta");
+    match r.open_table(meta) {
+        Ok(t) => Ok(t
+            .get(META_KEK_ID)
+            .map_err(|e| StoreError::Backend(e.to_string()))?
+            .map(|g| g.value().to_string())),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(StoreError::Backend(e.to_string())),
+    }
+}
+
+/// Loads the KEK and opens the store, refusing a KEK the store was not written with.
+pub async fn open_state(cfg: &Config) -> Result<(Arc<Kek>, Arc<dyn KeyStore>), ServeError> {
+    let kek = Arc::new(Kek::load(&cfg.state_dir)?);
+    let store_path = cfg.state_dir.join(STORE_FILE);
+    if let Some(expected) = recorded_kek_id(&store_path)? {
+        if expected != kek.id() {
+            return Err(ServeError::WrongKek {
+                kek_path: cfg
+                    .state_dir
+                    .join(crate::wrap::KEK_FILE)
+                    .display()
+                    .to_string(),
+                loaded: kek.id().to_string(),
+                expected,
+                store_path: store_path.display().to_string(),
+            });
+        }
+    }
+    let store: Arc<dyn KeyStore> = Arc::new(RedbStore::open(&store_path)?);
+    if store.meta_get(META_KEK_ID).await?.is_none() {
+        store.meta_put(META_KEK_ID, kek.id()).await?;
+    }
+    Ok((kek, store))
+}
+
+/// A bound, ready broker.
+pub struct Bound {
+    listener: TcpListener,
+    broker: Broker,
+    cfg: Config,
+    tls: Arc<rustls::ServerConfig>,
+}
+
+impl Bound {
+    /// The address actually listened on.
+    pub fn local_addr(&self) -> Result<SocketAddr, ServeError> {
+        self.listener
+            .local_addr()
+            .map_err(|e| ServeError::Io(e.to_string()))
+    }
+
+    /// Serves until `shutdown` resolves, then reports NOT_SERVING and drains.
+    pub async fn serve(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServeError> {
+        let Bound {
+            listener,
+            broker,
+            cfg,
+            tls,
+        } = self;
+        let (tx, rx) = mpsc::channel(256);
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        let handshake = Duration::from_millis(cfg.handshake_timeout_ms);
+        let accept_loop = tokio::spawn(async move {
+            loop {
+                let (tcp, peer) = match listener.accept().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = tcp.set_nodelay(true);
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            let _ = tx.send(stream).await;
+                        }
+                        Ok(Err(e)) => warn!(%peer, error = %e, "TLS handshake refused"),
+                        Err(_) => debug!(%peer, "TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        let incoming = ReceiverStream::new(rx).map(Ok::<_, std::io::Error>);
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<KeyBrokerServer<Broker>>().await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(nodecrypt_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| ServeError::Io(e.to_string()))?;
+        let signal = async move {
+            shutdown.await;
+            info!("shutting down: NOT_SERVING, draining in-flight calls");
+            health.set_not_serving::<KeyBrokerServer<Broker>>().await;
+        };
+        let result = Server::builder()
+            .timeout(Duration::from_millis(cfg.request_timeout_ms))
+            .http2_keepalive_interval(Some(Duration::from_secs(20)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(KeyBrokerServer::new(broker))
+            .serve_with_incoming_shutdown(incoming, signal)
+            .await
+            .map_err(|e| ServeError::Io(e.to_string()));
+        accept_loop.abort();
+        result
+    }
+}
+
+/// Checks state, binds the listener; serve with [`Bound::serve`].
+pub async fn bind(cfg: Config) -> Result<Bound, ServeError> {
+    let tls = Arc::new(tls::server_config(&cfg.tls)?);
+    let (kek, store) = open_state(&cfg).await?;
+    let audit = AuditLog::open(&cfg.audit_path(), cfg.audit_fsync)?;
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| ServeError::Io(format!("cannot listen on {}: {e}", cfg.listen)))?;
+    let broker = Broker::new(store, kek.clone(), audit, cfg.trust_domain.clone());
+    info!(listen = %listener.local_addr().map_err(|e| ServeError::Io(e.to_string()))?, kek_id = kek.id(), "key broker ready");
+    Ok(Bound {
+        listener,
+        broker,
+        cfg,
+        tls,
+    })
+}

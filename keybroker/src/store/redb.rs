@@ -1,0 +1,182 @@
+//! The embedded [`KeyStore`]: a single-file ACID store (redb) under the state directory.
+//!
+//! Each record is a JSON document in table `volumes` with its revision in `revisions`;
+//! put is a compare-and-swap inside one write transaction (redb serialises writers), so
+//! concurrent creates of one volume produce exactly one record.
+
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+
+use super::{KeyStore, Revision, StoreError, VolumeRecord};
+
+const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
+const REVISIONS: TableDefinition<&str, u64> = TableDefinition::new("revisions");
+const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
+
+/// The store file name inside the state directory.
+pub const STORE_FILE: &str = "keys.redb";
+
+/// redb-backed store.
+pub struct RedbStore {
+    // The write lock is taken only to compact the file (scrub); every transaction holds a
+    // read lock, so compaction never races a transaction.
+    db: Arc<RwLock<Database>>,
+}
+
+fn backend<E: std::fmt::Display>(e: E) -> StoreError {
+    StoreError::Backend(e.to_string())
+}
+
+impl RedbStore {
+    /// Opens (or creates) the store file at `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Database::create(path)
+            .map_err(|e| StoreError::Backend(format!("{}: {e}", path.display())))?;
+        let w = db.begin_write().map_err(backend)?;
+        {
+            w.open_table(VOLUMES).map_err(backend)?;
+            w.open_table(REVISIONS).map_err(backend)?;
+            w.open_table(META).map_err(backend)?;
+        }
+        w.commit().map_err(backend)?;
+        Ok(Self {
+            db: Arc::new(RwLock::new(db)),
+        })
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let guard = db.read().map_err(|_| backend("store lock poisoned"))?;
+            f(&guard)
+        })
+        .await
+        .map_err(backend)?
+    }
+}
+
+fn decode(volume_id: &str, bytes: &[u8]) -> Result<VolumeRecord, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+        volume_id: volume_id.to_string(),
+        what: e.to_string(),
+    })
+}
+
+#[async_trait::async_trait]
+impl KeyStore for RedbStore {
+    async fn get(&self, volume_id: &str) -> Result<Option<(Revision, VolumeRecord)>, StoreError> {
+        let id = volume_id.to_string();
+        self.blocking(move |db| {
+            let r = db.begin_read().map_err(backend)?;
+            let vols = r.open_table(VOLUMES).map_err(backend)?;
+            let revs = r.open_table(REVISIONS).map_err(backend)?;
+            let Some(bytes) = vols.get(id.as_str()).map_err(backend)? else {
+                return Ok(None);
+            };
+            let rev = revs
+                .get(id.as_str())
+                .map_err(backend)?
+                .map_or(0, |g| g.value());
+            Ok(Some((rev, decode(&id, bytes.value())?)))
+        })
+        .await
+    }
+
+    async fn put(
+        &self,
+        record: &VolumeRecord,
+        expected: Option<Revision>,
+    ) -> Result<Revision, StoreError> {
+        let bytes = serde_json::to_vec(record).map_err(backend)?;
+        let id = record.volume_id.clone();
+        self.blocking(move |db| {
+            let w = db.begin_write().map_err(backend)?;
+            let new_rev;
+            {
+                let mut vols = w.open_table(VOLUMES).map_err(backend)?;
+                let mut revs = w.open_table(REVISIONS).map_err(backend)?;
+                let exists = vols.get(id.as_str()).map_err(backend)?.is_some();
+                let current = revs.get(id.as_str()).map_err(backend)?.map(|g| g.value());
+                let matches = match expected {
+                    None => !exists,
+                    Some(e) => exists && current == Some(e),
+                };
+                if !matches {
+                    return Err(StoreError::Conflict(id));
+                }
+                new_rev = current.unwrap_or(0) + 1;
+                vols.insert(id.as_str(), bytes.as_slice())
+                    .map_err(backend)?;
+                revs.insert(id.as_str(), new_rev).map_err(backend)?;
+            }
+            w.commit().map_err(backend)?;
+            Ok(new_rev)
+        })
+        .await
+    }
+
+    async fn list(&self) -> Result<Vec<VolumeRecord>, StoreError> {
+        self.blocking(|db| {
+            let r = db.begin_read().map_err(backend)?;
+            let vols = r.open_table(VOLUMES).map_err(backend)?;
+            let mut out = Vec::new();
+            for item in vols.iter().map_err(backend)? {
+                let (k, v) = item.map_err(backend)?;
+                out.push(decode(k.value(), v.value())?);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn meta_get(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let key = key.to_string();
+        self.blocking(move |db| {
+            let r = db.begin_read().map_err(backend)?;
+            let meta = r.open_table(META).map_err(backend)?;
+            Ok(meta
+                .get(key.as_str())
+                .map_err(backend)?
+                .map(|g| g.value().to_string()))
+        })
+        .await
+    }
+
+    async fn meta_put(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        let (key, value) = (key.to_string(), value.to_string());
+        self.blocking(move |db| {
+            let w = db.begin_write().map_err(backend)?;
+            w.open_table(META)
+                .map_err(backend)?
+                .insert(key.as_str(), value.as_str())
+                .map_err(backend)?;
+            w.commit().map_err(backend)
+        })
+        .await
+    }
+
+    async fn scrub(&self) -> Result<(), StoreError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = db.write().map_err(|_| backend("store lock poisoned"))?;
+            // Two empty commits release the pages the last real commit freed, then
+            // compaction moves live pages over them and truncates the file.
+            for _ in 0..2 {
+                guard
+                    .begin_write()
+                    .map_err(backend)?
+                    .commit()
+                    .map_err(backend)?;
+            }
+            while guard.compact().map_err(backend)? {}
+            Ok(())
+        })
+        .await
+        .map_err(backend)?
+    }
+}
