@@ -34,14 +34,24 @@ pub fn name(s: &str) -> Result<(), Invalid> {
     Ok(())
 }
 
+/// A bounded, printable quotation of untrusted input for error messages (which travel in
+/// HTTP/2 headers and logs): at most 64 characters, control characters escaped.
+pub fn quote(s: &str) -> String {
+    let mut q: String = s.chars().take(64).flat_map(char::escape_debug).collect();
+    if s.chars().count() > 64 {
+        q.push_str(&format!("… ({} bytes)", s.len()));
+    }
+    format!("\"{q}\"")
+}
+
 /// A volume id: a DNS-label-like name, or a UUID (lowercase, hyphenated), which is one too.
 pub fn volume_id(s: &str) -> Result<(), Invalid> {
-    name(s).map_err(|Invalid(why)| Invalid(format!("volume_id {s:?} {why}")))
+    name(s).map_err(|Invalid(why)| Invalid(format!("volume_id {} {why}", quote(s))))
 }
 
 /// A node id: a DNS-label-like name.
 pub fn node_id(s: &str) -> Result<(), Invalid> {
-    name(s).map_err(|Invalid(why)| Invalid(format!("node_id {s:?} {why}")))
+    name(s).map_err(|Invalid(why)| Invalid(format!("node_id {} {why}", quote(s))))
 }
 
 /// A key version on the wire: `0` (meaning "current") is allowed only when `allow_zero`.
@@ -65,10 +75,11 @@ pub fn labels<'a>(
         return Err(Invalid(format!("at most {MAX_LABELS} labels are allowed")));
     }
     for (k, v) in it {
-        name(k).map_err(|Invalid(why)| Invalid(format!("label key {k:?} {why}")))?;
+        name(k).map_err(|Invalid(why)| Invalid(format!("label key {} {why}", quote(k))))?;
         if v.len() > MAX_LABEL_LEN || v.chars().any(|c| c.is_control()) {
             return Err(Invalid(format!(
-                "label {k:?}: values are at most {MAX_LABEL_LEN} bytes with no control characters"
+                "label {}: values are at most {MAX_LABEL_LEN} bytes with no control characters",
+                quote(k)
             )));
         }
     }
@@ -105,6 +116,13 @@ mod tests {
         ] {
             assert!(name(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn quotes_are_bounded() {
+        let q = quote(&"x".repeat(100_000));
+        assert!(q.len() < 100 && q.contains("100000 bytes"), "{q}");
+        assert_eq!(quote("a\u{0}b"), "\"a\\0b\"");
     }
 
     #[test]
