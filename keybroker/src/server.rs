@@ -8,11 +8,8 @@ use std::time::Duration;
 
 use nodecrypt_proto::keybroker::v1::key_broker_server::KeyBrokerServer;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tokio_stream::StreamExt;
 use tonic::transport::Server;
-use tracing::{debug, info, warn};
+use tracing::info;
 
 use crate::audit::{AuditError, AuditLog};
 use crate::config::Config;
@@ -131,33 +128,8 @@ impl Bound {
             cfg,
             tls,
         } = self;
-        let (tx, rx) = mpsc::channel(256);
-        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
         let handshake = Duration::from_millis(cfg.handshake_timeout_ms);
-        let accept_loop = tokio::spawn(async move {
-            loop {
-                let (tcp, peer) = match listener.accept().await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = tcp.set_nodelay(true);
-                let (acceptor, tx) = (acceptor.clone(), tx.clone());
-                tokio::spawn(async move {
-                    match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => {
-                            let _ = tx.send(stream).await;
-                        }
-                        Ok(Err(e)) => warn!(%peer, error = %e, "TLS handshake refused"),
-                        Err(_) => debug!(%peer, "TLS handshake timed out"),
-                    }
-                });
-            }
-        });
-        let incoming = ReceiverStream::new(rx).map(Ok::<_, std::io::Error>);
+        let (incoming, accept_loop) = tls::incoming(listener, tls, handshake);
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<KeyBrokerServer<Broker>>().await;

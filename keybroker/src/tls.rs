@@ -8,6 +8,9 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
 
 /// A TLS setup problem, naming the file at fault.
 #[derive(Debug, thiserror::Error)]
@@ -108,4 +111,44 @@ pub fn client_config(files: &TlsFiles) -> Result<ClientConfig, TlsError> {
         .map_err(|e| TlsError::Config(format!("{}: {e}", files.key.display())))?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(cfg)
+}
+
+/// Accepted, handshaken TLS connections of `listener`, as a stream for tonic's
+/// `serve_with_incoming`. Each handshake runs in its own task under `handshake` deadline,
+/// so a client that connects and says nothing blocks no one. Refused handshakes (no
+/// certificate, another CA) are logged. Abort the returned task to stop accepting.
+pub fn incoming(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    handshake: std::time::Duration,
+) -> (
+    impl tokio_stream::Stream<Item = Result<tokio_rustls::server::TlsStream<TcpStream>, std::io::Error>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(256);
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let task = tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = tx.send(stream).await;
+                    }
+                    Ok(Err(e)) => tracing::warn!(%peer, error = %e, "TLS handshake refused"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    (ReceiverStream::new(rx).map(Ok), task)
 }

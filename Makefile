@@ -1,0 +1,35 @@
+# nodecrypt — everything a newcomer needs is `make demo` and `make test`.
+SHELL := /bin/bash
+CARGO ?= cargo
+export CARGO_TERM_COLOR ?= never
+
+.PHONY: all deps build test bench demo fmt lint clean
+
+all: build
+
+deps:
+	@scripts/deps.sh
+
+build: deps
+	$(CARGO) build --workspace --bins
+
+# Unit tests, then the end-to-end tests that run the real binaries (built first).
+test: build
+	$(CARGO) test --workspace --no-fail-fast
+
+# Criterion benchmarks: XTS engine vs OpenSSL and xts-mode; broker throughput/latency.
+bench: deps
+	$(CARGO) bench -p nodecrypt-benches
+
+demo: deps
+	$(CARGO) build --workspace --bins --release
+	scripts/demo.sh
+
+fmt:
+	$(CARGO) fmt --all
+
+lint:
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+clean:
+	$(CARGO) clean

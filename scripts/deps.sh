@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs what nodecrypt needs to build, test, bench and demo, if it is missing.
+# Idempotent: a no-op when everything is present.
+set -euo pipefail
+
+packages=(
+  pkg-config clang libclang-dev           # bindgen for libcryptsetup-rs / libblkid-rs
+  libcryptsetup-dev cryptsetup-bin        # LUKS2 through the real libcryptsetup; the CLI as independent checker
+  libblkid-dev util-linux                 # signature probing, losetup, blkid, sfdisk
+  libssl-dev                              # the OpenSSL peer in tests and benches
+  e2fsprogs                               # mkfs.ext4 / fsck in tests and the demo
+  fuse3 libfuse3-dev                      # userspace data path
+  kmod                                    # modprobe/lsmod in doctor
+  ${NODECRYPT_EXTRA_PACKAGES:-}
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "deps: installing ${missing[*]}"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO=sudo
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+command -v cargo >/dev/null || { echo "deps: cargo is required (rustup.rs)"; exit 1; }
