@@ -11,6 +11,7 @@ packages=(
   e2fsprogs                               # mkfs.ext4 / fsck in tests and the demo
   fuse3 libfuse3-dev                      # userspace data path
   kmod                                    # modprobe/lsmod in doctor
+  qemu-system-x86 busybox-static debootstrap dmsetup binutils  # VM tests: TCG guest, its initramfs and root image
   ${NODECRYPT_EXTRA_PACKAGES:-}
 )
 
