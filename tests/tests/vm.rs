@@ -234,3 +234,235 @@ fn dm_crypt_matches_userspace_engine_both_ways() {
         assert_no_key_material(&path.display().to_string(), &data, &secrets);
     }
 }
+
+/// Boot test settings, written into the root image.
+const UNLOCK_DEADLINE_S: u64 = 40;
+/// How long the `delayed` phase keeps the broker down once unlock is retrying.
+const BROKER_DELAY_S: u64 = 10;
+/// The fstab options the systemd README documents for a nodecrypt volume.
+const FSTAB_OPTIONS: &str =
+    "nofail,_netdev,x-systemd.requires=nodecrypt-unlock.service,x-systemd.device-timeout=5min";
+/// Limit of one systemd guest boot.
+const BOOT_LIMIT: Duration = Duration::from_secs(300);
+
+/// One `NCVM:UNIT` line: a unit's state and its monotonic timestamps (µs, 0 = never).
+#[derive(Debug)]
+struct UnitState {
+    active: String,
+    result: String,
+    exec_start: u64,
+    active_enter: u64,
+    inactive_enter: u64,
+}
+
+fn unit(console: &Console, name: &str) -> UnitState {
+    let line = console.marker("UNIT", name);
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let num = |i: usize| f.get(i).and_then(|s| s.parse().ok()).unwrap_or(0);
+    if f.len() < 5 {
+        console.fail(&format!("bad NCVM:UNIT line for {name}: {line}"));
+    }
+    UnitState {
+        active: f[0].to_string(),
+        result: f[1].to_string(),
+        exec_start: num(2),
+        active_enter: num(3),
+        inactive_enter: num(4),
+    }
+}
+
+/// The files the provision phase copies onto the volume, and their `sha256sum` lines.
+fn boot_files() -> (Vec<(String, Vec<u8>)>, Vec<String>) {
+    let files = vec![
+        ("a.bin".to_string(), pattern("boot-a", 300_000)),
+        ("b.txt".to_string(), b"written in the first boot\n".to_vec()),
+    ];
+    let sums = files
+        .iter()
+        .map(|(n, d)| format!("{}  files/{n}", sha256_hex(d)))
+        .collect();
+    (files, sums)
+}
+
+/// The overlay of the root image: binaries, units, configs, PKI, test files.
+fn boot_overlay(env: &Env, files: &[(String, Vec<u8>)]) -> std::path::PathBuf {
+    let o = env.path().join("overlay");
+    let usr_bin = o.join("usr/bin");
+    let units = o.join("usr/lib/systemd/system");
+    let etc = o.join("etc/nodecrypt");
+    let pki = etc.join("pki");
+    let share = o.join("usr/share/nodecrypt-vmtest");
+    for d in [&usr_bin, &units, &pki, &share.join("files")] {
+        fs::create_dir_all(d).expect("overlay dir");
+    }
+    for b in harness::BINARIES {
+        run_ok(
+            Command::new("strip")
+                .arg("--strip-debug")
+                .arg("-o")
+                .arg(usr_bin.join(b))
+                .arg(bin(b)),
+        );
+    }
+    let unit_src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd");
+    let mut n = 0;
+    for entry in fs::read_dir(&unit_src).expect("systemd/ units in the repository") {
+        let path = entry.expect("unit").path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name.ends_with(".service") || name.ends_with(".target") {
+            fs::copy(&path, units.join(name)).expect("copy unit");
+            n += 1;
+        }
+    }
+    assert!(n >= 4, "expected the nodecrypt units in {unit_src:?}");
+    for (from, to) in [
+        ("ca.pem", "ca.pem"),
+        ("broker.pem", "broker.pem"),
+        ("broker.key", "broker.key"),
+        ("node-n1.pem", "node.pem"),
+        ("node-n1.key", "node.key"),
+    ] {
+        fs::copy(env.pki().join(from), pki.join(to)).expect("copy PKI");
+    }
+    fs::write(
+        etc.join("agent.toml"),
+        format!(
+            "backend = \"dm-crypt\"\nunlock_deadline = \"{UNLOCK_DEADLINE_S}s\"\n\n[broker]\n\
+             endpoint = \"{GUEST_BROKER}\"\ncert = \"/etc/nodecrypt/pki/node.pem\"\n\
+             key = \"/etc/nodecrypt/pki/node.key\"\nca = \"/etc/nodecrypt/pki/ca.pem\"\n"
+        ),
+    )
+    .expect("agent.toml");
+    let cred = "/run/credentials/nodecrypt-keybroker.service";
+    fs::write(
+        etc.join("keybroker.toml"),
+        format!(
+            "listen = \"{GUEST_BROKER}\"\ntrust_domain = \"{TRUST_DOMAIN}\"\n\
+             state_dir = \"/var/lib/nodecrypt-keybroker\"\n\n[tls]\ncert = \"{cred}/broker.pem\"\n\
+             key = \"{cred}/broker.key\"\nca = \"{cred}/ca.pem\"\n"
+        ),
+    )
+    .expect("keybroker.toml");
+    for (name, data) in files {
+        fs::write(share.join("files").join(name), data).expect("test file");
+    }
+    fs::write(share.join("fstab-options"), FSTAB_OPTIONS).expect("fstab options");
+    fs::write(share.join("broker-delay"), BROKER_DELAY_S.to_string()).expect("delay");
+    o
+}
+
+/// Must-show 3: a volume formatted in a first boot is unlocked by the units in the next
+/// boots before the fstab mount that needs it. (a) The broker comes up only after unlock
+/// has been retrying for a while, within the deadline: the mount succeeds after unlock,
+/// and the files are there. (b) The broker never comes: unlock gives up at the deadline,
+/// the mount fails cleanly (dependency), the system still reaches multi-user.target.
+#[test]
+fn boot_units_unlock_before_the_mount() {
+    let vm = Vm::get();
+    let tree = vm.rootfs();
+    let env = Env::new();
+    let tmp = env.path();
+    let (files, sums) = boot_files();
+    let overlay = boot_overlay(&env, &files);
+    let root = tmp.join("root.img");
+    harness::run_limited(
+        Command::new(harness::scripts().join("root-image.sh"))
+            .arg(&tree)
+            .arg(&root)
+            .arg("1024")
+            .arg(harness::scripts().join("root"))
+            .arg(&overlay)
+            .args(["--", "nodecrypt-agent.service", "nodecrypt-volumes.target"])
+            .arg("nodecrypt-vmtest.service"),
+        Duration::from_secs(180),
+    );
+    let data = tmp.join("data.img");
+    raw_disk(&data, DISK_SIZE);
+    let disks = [root.as_path(), data.as_path()];
+    let boot = |phase: &str| {
+        let c = vm.boot(
+            tmp,
+            &format!("boot-{phase}"),
+            &format!("nc.root=/dev/vda nc.phase={phase}"),
+            &vm.initramfs,
+            &disks,
+            BOOT_LIMIT,
+        );
+        c.assert_end_ok();
+        c
+    };
+
+    // First boot: provision the volume.
+    let first = boot("provision");
+    check_table(&first, "data", 4096);
+    assert_eq!(
+        first.markers("FILE"),
+        sums,
+        "files written in the first boot"
+    );
+    let dump = run_ok(Command::new("cryptsetup").arg("luksDump").arg(&data));
+    assert!(
+        dump.contains("Label:          data"),
+        "the data disk's header:\n{dump}"
+    );
+
+    // (a) Broker late, within the deadline.
+    let late = boot("delayed");
+    let unlock = unit(&late, "nodecrypt-unlock.service");
+    let broker = unit(&late, "nodecrypt-keybroker.service");
+    let mount = unit(&late, "srv-data.mount");
+    let starting = late.markers("BROKER");
+    if !(unlock.active == "active"
+        && unlock.result == "success"
+        && broker.active == "active"
+        && mount.active == "active"
+        && starting.len() == 1
+        && starting[0].ends_with("unlock=activating")
+        && unlock.exec_start > 0
+        && unlock.exec_start < broker.active_enter
+        && broker.active_enter < unlock.active_enter
+        && unlock.active_enter <= mount.active_enter)
+    {
+        late.fail(&format!(
+            "want: unlock started, broker came up while unlock was retrying, unlock \
+             succeeded, then the mount; got unlock {unlock:?}, broker {broker:?}, mount \
+             {mount:?}, broker start {starting:?}"
+        ));
+    }
+    assert_eq!(
+        late.markers("FILE"),
+        sums,
+        "the files of the first boot, after unlock"
+    );
+    assert_eq!(late.markers("SYSTEM"), vec!["running".to_string()]);
+    assert_eq!(unit(&late, "nodecrypt-volumes.target").active, "active");
+
+    // (b) Broker absent past the deadline.
+    let absent = boot("absent");
+    let unlock = unit(&absent, "nodecrypt-unlock.service");
+    let mount = unit(&absent, "srv-data.mount");
+    let gave_up_after =
+        Duration::from_micros(unlock.inactive_enter.saturating_sub(unlock.exec_start));
+    if !(unlock.active == "failed"
+        && unlock.result == "exit-code"
+        && gave_up_after >= Duration::from_secs(UNLOCK_DEADLINE_S)
+        && mount.active == "inactive"
+        && absent.markers("MOUNTJOB") == vec!["dependency-failed".to_string()]
+        && unit(&absent, "multi-user.target").active == "active"
+        && unit(&absent, "emergency.target").active == "inactive"
+        && unit(&absent, "rescue.target").active == "inactive")
+    {
+        absent.fail(&format!(
+            "want: unlock failed after retrying for {UNLOCK_DEADLINE_S}s, the mount failed \
+             on its dependency, multi-user.target reached, no emergency/rescue; got unlock \
+             {unlock:?} (gave up after {gave_up_after:?}), mount {mount:?}, mount job {:?}",
+            absent.markers("MOUNTJOB")
+        ));
+    }
+    assert_eq!(absent.markers("FILE"), vec!["none".to_string()]);
+    let system = absent.markers("SYSTEM");
+    assert!(
+        system == ["degraded"] || system == ["starting"],
+        "is-system-running after a failed unlock: {system:?}"
+    );
+}

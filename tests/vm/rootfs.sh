@@ -32,9 +32,12 @@ build() {
   rm -f "$t"/etc/systemd/system/timers.target.wants/*
   ln -sf /dev/null "$t/etc/systemd/system/getty@.service"
   ln -sf /dev/null "$t/etc/systemd/system/serial-getty@.service"
+  ln -sf /dev/null "$t/etc/systemd/system/getty-static.service"
   apt-get clean -o "Dir=$t" -o "Dir::Cache=$t/var/cache/apt" 2>/dev/null || true
   rm -rf "$t"/var/cache/apt/archives/*.deb "$t"/var/lib/apt/lists/*
   touch "$dir/.done"
+  # Older trees (another package list or kernel) are not needed any more.
+  for old in "$VM_DIR"/rootfs/bookworm-*; do [ "$old" = "$dir" ] || rm -rf "$old"; done
 }
 
 with_lock rootfs build

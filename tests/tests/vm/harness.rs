@@ -170,7 +170,6 @@ impl Vm {
         let console = Console {
             name: name.to_string(),
             text: text.unwrap_or_default(),
-            elapsed,
         };
         eprintln!("vm: {name}: guest ran {elapsed:.1?} ({status})");
         if !status.success() {
@@ -188,8 +187,6 @@ pub struct Console {
     pub name: String,
     /// Everything the guest printed.
     pub text: String,
-    /// How long the guest ran.
-    pub elapsed: Duration,
 }
 
 impl Console {
@@ -268,18 +265,6 @@ pub fn ext4_read_dir(img: &Path, from: &str, to: &Path) {
             .arg(img),
         Duration::from_secs(60),
     );
-}
-
-/// The contents of the file `from` in the ext4 image `img`.
-pub fn ext4_read_file(img: &Path, from: &str) -> Vec<u8> {
-    let out = Command::new("timeout")
-        .args(["60", "debugfs", "-R"])
-        .arg(format!("cat {from}"))
-        .arg(img)
-        .output()
-        .expect("debugfs cat");
-    assert!(out.status.success(), "debugfs cat {from} failed");
-    out.stdout
 }
 
 /// `len` deterministic pseudo-random bytes from `seed` (SHA-256 in counter mode).
