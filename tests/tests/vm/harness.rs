@@ -92,7 +92,7 @@ impl Vm {
         VM.get_or_init(|| {
             let kernel = run_limited(&mut script("kernel.sh"), Duration::from_secs(300));
             let kernel = PathBuf::from(kernel.trim());
-            let initramfs = vm_dir().join(format!("initramfs-{}.cpio", std::process::id()));
+            let initramfs = vm_dir().join("initramfs.cpio");
             let mut cmd = script("initramfs.sh");
             cmd.arg(&kernel).arg(&initramfs);
             for b in BINARIES {
