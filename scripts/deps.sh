@@ -11,6 +11,7 @@ packages=(
   e2fsprogs                               # mkfs.ext4 / fsck in tests and the demo
   fuse3 libfuse3-dev                      # userspace data path
   kmod                                    # modprobe/lsmod in doctor
+  systemd                                 # systemd-analyze and systemd-fstab-generator (tests/tests/systemd.rs)
   ${NODECRYPT_EXTRA_PACKAGES:-}
 )
 
