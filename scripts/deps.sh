@@ -12,6 +12,7 @@ packages=(
   fuse3 libfuse3-dev                      # userspace data path
   kmod                                    # modprobe/lsmod in doctor
   fdisk                                   # sfdisk: partition tables in tests
+  systemd                                 # systemd-analyze and systemd-fstab-generator (tests/tests/systemd.rs)
   ${NODECRYPT_EXTRA_PACKAGES:-}
 )
 
