@@ -13,8 +13,12 @@ deps:
 build: deps
 	$(CARGO) build --workspace --bins
 
-# Unit tests, then the end-to-end tests that run the real binaries (built first).
+# Unit tests, then the end-to-end tests that run the real binaries (built first). The
+# lifecycle tests also need the agent built with the test-only `failpoints` feature.
 test: build
+	$(CARGO) build -p nodecrypt-agent --features failpoints --bin nodecrypt-agent
+	cp target/debug/nodecrypt-agent target/debug/nodecrypt-agent-failpoints
+	$(CARGO) build --workspace --bins
 	$(CARGO) test --workspace --no-fail-fast
 
 # Criterion benchmarks: XTS engine vs OpenSSL and xts-mode; broker throughput/latency.

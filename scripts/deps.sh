@@ -11,6 +11,8 @@ packages=(
   e2fsprogs                               # mkfs.ext4 / fsck in tests and the demo
   fuse3 libfuse3-dev                      # userspace data path
   kmod                                    # modprobe/lsmod in doctor
+  fdisk                                   # sfdisk: partition tables in tests
+  systemd                                 # systemd-analyze and systemd-fstab-generator (tests/tests/systemd.rs)
   qemu-system-x86 busybox-static debootstrap dmsetup binutils  # VM tests: TCG guest, its initramfs and root image
   ${NODECRYPT_EXTRA_PACKAGES:-}
 )

@@ -110,12 +110,17 @@ impl Env {
 
     /// Writes the broker config (port 0) and returns its path.
     pub fn broker_config(&self) -> PathBuf {
+        self.broker_config_on("127.0.0.1:0")
+    }
+
+    /// Writes the broker config listening on `listen` and returns its path.
+    pub fn broker_config_on(&self, listen: &str) -> PathBuf {
         let path = self.path().join("broker.toml");
         let t = self.tls_files("broker");
         fs::write(
             &path,
             format!(
-                "listen = \"127.0.0.1:0\"\ntrust_domain = \"{TRUST_DOMAIN}\"\nstate_dir = \"{}\"\n\n[tls]\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n",
+                "listen = \"{listen}\"\ntrust_domain = \"{TRUST_DOMAIN}\"\nstate_dir = \"{}\"\n\n[tls]\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n",
                 self.state().display(),
                 t.cert.display(),
                 t.key.display(),
@@ -134,6 +139,11 @@ impl Env {
 
     /// Starts the broker; `Err(stderr)` if it exits before it is ready.
     pub fn try_start_broker(&self) -> Result<Broker, String> {
+        self.try_start_broker_on("127.0.0.1:0")
+    }
+
+    /// Starts the broker on `listen`; `Err(stderr)` if it exits before it is ready.
+    pub fn try_start_broker_on(&self, listen: &str) -> Result<Broker, String> {
         if !self.state().join("kek").exists() {
             run_ok(
                 Command::new(bin("nodecrypt-keybroker"))
@@ -141,7 +151,7 @@ impl Env {
                     .arg(self.state()),
             );
         }
-        let config = self.broker_config();
+        let config = self.broker_config_on(listen);
         let log = self.path().join("broker.log");
         let stderr = fs::OpenOptions::new()
             .create(true)
@@ -259,4 +269,298 @@ pub fn assert_no_key_material(what: &str, haystack: &[u8], keys: &[Vec<u8>]) {
             "{what}: contains key bytes as a Debug list"
         );
     }
+}
+
+/// Options of an agent started by a test.
+#[derive(Clone)]
+pub struct AgentOpts {
+    /// Node identity (`n1`).
+    pub node: String,
+    /// `dm-crypt`, `userspace` or `auto`.
+    pub backend: String,
+    /// Broker retry deadline.
+    pub unlock_deadline: String,
+    /// Files unlock-all scans.
+    pub file_devices: Vec<PathBuf>,
+    /// Serve the admin TCP listener too.
+    pub tcp: bool,
+    /// Extra environment (e.g. FAILPOINTS), for the failpoints build.
+    pub env: Vec<(String, String)>,
+    /// Binary name (`nodecrypt-agent`, or `nodecrypt-agent-failpoints`).
+    pub binary: String,
+}
+
+impl Default for AgentOpts {
+    fn default() -> Self {
+        Self {
+            node: "n1".into(),
+            backend: "userspace".into(),
+            unlock_deadline: "20s".into(),
+            file_devices: Vec::new(),
+            tcp: false,
+            env: Vec::new(),
+            binary: "nodecrypt-agent".into(),
+        }
+    }
+}
+
+/// A running agent; SIGTERM and reaped on drop.
+pub struct Agent {
+    child: Option<Child>,
+    /// Its Unix socket.
+    pub socket: PathBuf,
+    /// Its TCP listener (`127.0.0.1:PORT`), if asked for.
+    pub tcp: Option<String>,
+    /// Its stderr (JSON logs), appended across restarts.
+    pub log: PathBuf,
+    /// Its run directory.
+    pub run_dir: PathBuf,
+}
+
+impl Env {
+    /// Writes an agent config for `broker_addr` and returns its path.
+    pub fn agent_config(&self, broker_addr: &str, o: &AgentOpts) -> PathBuf {
+        let dir = self.path().join(format!("agent-{}", o.node));
+        fs::create_dir_all(&dir).expect("agent dir");
+        let t = self.tls_files(&format!("node-{}", o.node));
+        let files = o
+            .file_devices
+            .iter()
+            .map(|p| format!("{:?}", p.display().to_string()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut text = format!(
+            "socket = \"{}\"\nrun_dir = \"{}\"\nbackend = \"{}\"\nunlock_deadline = \"{}\"\nallow_file_devices = true\nfile_devices = [{files}]\n\n[broker]\nendpoint = \"{broker_addr}\"\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\nrequest_timeout = \"3s\"\n",
+            dir.join("agent.sock").display(),
+            dir.join("run").display(),
+            o.backend,
+            o.unlock_deadline,
+            t.cert.display(),
+            t.key.display(),
+            t.ca.display(),
+        );
+        if o.tcp {
+            let s = self.tls_files("broker");
+            text += &format!(
+                "\n[tcp]\nlisten = \"127.0.0.1:0\"\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\ntrust_domain = \"{TRUST_DOMAIN}\"\n",
+                s.cert.display(),
+                s.key.display(),
+                s.ca.display()
+            );
+        }
+        let path = dir.join("agent.toml");
+        fs::write(&path, text).expect("write agent config");
+        path
+    }
+
+    /// Starts an agent against `broker_addr` and waits until it serves.
+    pub fn start_agent(&self, broker_addr: &str, o: &AgentOpts) -> Agent {
+        let config = self.agent_config(broker_addr, o);
+        let dir = config.parent().expect("dir").to_path_buf();
+        let log = dir.join("agent.log");
+        let stderr = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("agent log");
+        let mut cmd = Command::new(bin(&o.binary));
+        cmd.arg("--config")
+            .arg(&config)
+            .env("NODECRYPT_LOG", "debug")
+            .stdout(Stdio::piped())
+            .stderr(stderr);
+        for (k, v) in &o.env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn agent");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_default();
+        let ready: serde_json::Value = serde_json::from_str(&line).unwrap_or_else(|_| {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "agent did not start:\n{}",
+                fs::read_to_string(&log).unwrap_or_default()
+            )
+        });
+        Agent {
+            child: Some(child),
+            socket: PathBuf::from(ready["socket"].as_str().expect("socket")),
+            tcp: ready["tcp"].as_str().map(str::to_string),
+            log,
+            run_dir: dir.join("run"),
+        }
+    }
+}
+
+/// The result of one CLI run.
+#[derive(Debug)]
+pub struct CliOut {
+    /// Exit code.
+    pub code: i32,
+    /// Stdout.
+    pub stdout: String,
+    /// Stderr.
+    pub stderr: String,
+}
+
+impl CliOut {
+    /// Stdout parsed as JSON (panics with the output otherwise).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| panic!("not JSON ({e}): {self:?}"))
+    }
+
+    /// Asserts exit 0 and returns self.
+    pub fn ok(self) -> Self {
+        assert_eq!(self.code, 0, "expected success: {self:?}");
+        self
+    }
+}
+
+impl Agent {
+    /// Runs `nodecrypt --socket S ARGS...` to completion (deadline 5 minutes).
+    pub fn cli(&self, args: &[&str]) -> CliOut {
+        let mut cmd = Command::new(bin("nodecrypt"));
+        cmd.arg("--socket").arg(&self.socket).args(args);
+        run_cli(cmd)
+    }
+
+    /// Kills the agent with SIGKILL (a crash) and reaps it.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits for the agent to exit by itself (e.g. a failpoint) within `within`; kills it
+    /// and returns `None` if it does not.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let c = self.child.take()?;
+        wait_with_deadline(c, within)
+    }
+
+    /// Its logs so far.
+    pub fn logs(&self) -> Vec<u8> {
+        fs::read(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.take() {
+            let pid = nix::unistd::Pid::from_raw(c.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let _ = wait_with_deadline(c, Duration::from_secs(15));
+        }
+    }
+}
+
+/// Waits for `child` to exit within `within`; SIGKILLs it (and returns `None`) otherwise.
+pub fn wait_with_deadline(mut child: Child, within: Duration) -> Option<std::process::ExitStatus> {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let _ = tx.send(child.wait());
+    });
+    match rx.recv_timeout(within) {
+        Ok(st) => st.ok(),
+        Err(_) => {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = waiter.join();
+            None
+        }
+    }
+}
+
+/// Runs a prepared CLI command with a 5-minute deadline.
+pub fn run_cli(mut cmd: Command) -> CliOut {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn nodecrypt");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    let out = match rx.recv_timeout(Duration::from_secs(300)) {
+        Ok(o) => o.expect("wait nodecrypt"),
+        Err(_) => {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            panic!("nodecrypt {cmd:?} did not finish within 5 minutes");
+        }
+    };
+    CliOut {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A sparse file of `mib` MiB at `path`.
+pub fn sparse_file(path: &Path, mib: u64) -> PathBuf {
+    let f = fs::File::create(path).expect("create image");
+    f.set_len(mib << 20).expect("size image");
+    path.to_path_buf()
+}
+
+/// SHA-256 of a whole file, hex.
+pub fn file_hash(path: &Path) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    let mut f = fs::File::open(path).expect("open for hash");
+    std::io::copy(&mut f, &mut h).expect("hash");
+    hex::encode(h.finalize())
+}
+
+/// A loop device over `file`, detached on drop.
+pub struct LoopDev {
+    /// `/dev/loopN`.
+    pub path: PathBuf,
+}
+
+impl LoopDev {
+    /// Attaches `file`.
+    pub fn attach(file: &Path) -> LoopDev {
+        let out = run_ok(Command::new("losetup").args(["--find", "--show"]).arg(file));
+        LoopDev {
+            path: PathBuf::from(out.trim()),
+        }
+    }
+}
+
+impl Drop for LoopDev {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.path).status();
+    }
+}
+
+/// The broker's key of `volume_id` (version 0 = current), fetched with the admin identity.
+pub fn admin_key(env: &Env, broker: &Broker, volume_id: &str, version: u64) -> Vec<u8> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let mut c = env.client(broker, "admin-ops");
+        c.get_volume_key(nodecrypt_proto::keybroker::v1::GetVolumeKeyRequest {
+            volume_id: volume_id.to_string(),
+            version,
+        })
+        .await
+        .expect("admin GetVolumeKey")
+        .into_inner()
+        .key
+    })
 }
