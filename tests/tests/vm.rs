@@ -416,8 +416,9 @@ fn boot_units_unlock_before_the_mount() {
         "files written in the first boot"
     );
     let dump = run_ok(Command::new("cryptsetup").arg("luksDump").arg(&data));
-    assert!(
-        dump.contains("Label:          data"),
+    assert_eq!(
+        dump_field(&dump, "Label"),
+        "data",
         "the data disk's header:\n{dump}"
     );
 

@@ -172,6 +172,13 @@ impl Vm {
             text: text.unwrap_or_default(),
         };
         eprintln!("vm: {name}: guest ran {elapsed:.1?} ({status})");
+        for line in console.text.lines() {
+            if let Some(i) = line.find("NCVM:") {
+                if !line[i..].starts_with("NCVM:LOG") {
+                    eprintln!("vm: {name}: {}", line[i..].trim_end());
+                }
+            }
+        }
         if !status.success() {
             console.fail(&format!(
                 "qemu exited with {status} after {elapsed:.1?} (124 = the {limit:?} timeout)"
