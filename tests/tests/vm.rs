@@ -251,9 +251,9 @@ fn dm_crypt_matches_userspace_engine_both_ways() {
 }
 
 /// Boot test settings, written into the root image.
-const UNLOCK_DEADLINE_S: u64 = 40;
+const UNLOCK_DEADLINE_S: u64 = 50;
 /// How long the `delayed` phase keeps the broker down once unlock is retrying.
-const BROKER_DELAY_S: u64 = 10;
+const BROKER_DELAY_S: u64 = 6;
 /// The fstab options the systemd README documents for a nodecrypt volume.
 const FSTAB_OPTIONS: &str =
     "nofail,_netdev,x-systemd.requires=nodecrypt-unlock.service,x-systemd.device-timeout=5min";
@@ -451,6 +451,11 @@ fn boot_units_unlock_before_the_mount() {
         "the files of the first boot, after unlock"
     );
     assert_eq!(late.markers("SYSTEM"), vec!["running".to_string()]);
+    assert_eq!(
+        late.markers("JOB"),
+        Vec::<String>::new(),
+        "jobs left after boot"
+    );
     assert_eq!(unit(&late, "nodecrypt-volumes.target").active, "active");
 
     // (b) Broker absent past the deadline.
@@ -476,9 +481,18 @@ fn boot_units_unlock_before_the_mount() {
         ));
     }
     assert_eq!(absent.markers("FILE"), vec!["none".to_string()]);
+    // The boot is over but for the wait on the volume's device (and its fsck), which
+    // only x-systemd.device-timeout= ends: is-system-running says "starting" until then.
+    let device = r"dev-mapper-nodecrypt\x2ddata.device";
+    let jobs = absent.markers("JOB");
+    let only_device_wait = jobs.iter().all(|j| {
+        j.starts_with(&format!("{device} start"))
+            || j.starts_with(r"systemd-fsck@dev-mapper-nodecrypt\x2ddata.service start")
+    });
     let system = absent.markers("SYSTEM");
     assert!(
-        system == ["degraded"] || system == ["starting"],
-        "is-system-running after a failed unlock: {system:?}"
+        only_device_wait
+            && (system == ["degraded"] || (system == ["starting"] && !jobs.is_empty())),
+        "after a failed unlock: is-system-running {system:?}, pending jobs {jobs:?}"
     );
 }

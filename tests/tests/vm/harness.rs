@@ -200,10 +200,16 @@ impl Console {
     /// Panics with `why` and the last lines of the console.
     pub fn fail(&self, why: &str) -> ! {
         let lines: Vec<&str> = self.text.lines().collect();
-        let tail = lines[lines.len().saturating_sub(80)..].join("\n");
+        let markers: Vec<&str> = lines
+            .iter()
+            .copied()
+            .filter(|l| l.contains("NCVM:"))
+            .collect();
+        let tail = lines[lines.len().saturating_sub(60)..].join("\n");
         panic!(
-            "guest {}: {why}\n--- console tail ---\n{tail}\n--- end ---",
-            self.name
+            "guest {}: {why}\n--- guest report ---\n{}\n--- console tail ---\n{tail}\n--- end ---",
+            self.name,
+            markers.join("\n")
         );
     }
 
