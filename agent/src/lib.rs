@@ -4,3 +4,4 @@
 pub mod device;
 pub mod key;
 pub mod luks;
+pub mod userspace;
