@@ -13,6 +13,15 @@ SIZE_MIB=${NODECRYPT_DEMO_SIZE_MIB:-512}
 
 step() { printf '\033[1m==>\033[0m %s\n' "$*"; }
 die() { printf 'demo failed: %s\n' "$*" >&2; exit 1; }
+# Waits (30 s at most) for a server's one-line readiness report, or for it to die.
+wait_ready() {
+  for _ in $(seq 300); do
+    [ -s "$1" ] && return 0
+    kill -0 "$2" 2>/dev/null || return 1
+    sleep 0.1
+  done
+  return 1
+}
 
 [ "$(id -u)" -eq 0 ] || die "run as root (dm-crypt, FUSE, loop devices and mounts need it)"
 for b in nodecrypt nodecrypt-agent nodecrypt-keybroker; do
@@ -51,10 +60,10 @@ cert = "$DEMO/pki/broker.pem"
 key = "$DEMO/pki/broker.key"
 ca = "$DEMO/pki/ca.pem"
 EOF
-coproc BROKER { exec "$BIN/nodecrypt-keybroker" serve --config "$DEMO/broker.toml" 2>>"$DEMO/broker.log"; }
-BROKER_PID=$BROKER_PID
-read -r -t 30 ready <&"${BROKER[0]}" || die "broker did not start: $(tail -5 "$DEMO/broker.log")"
-ADDR=$(sed -E 's/.*"listen":"([^"]+)".*/\1/' <<<"$ready")
+"$BIN/nodecrypt-keybroker" serve --config "$DEMO/broker.toml" >"$DEMO/broker.ready" 2>>"$DEMO/broker.log" &
+BROKER_PID=$!
+wait_ready "$DEMO/broker.ready" "$BROKER_PID" || die "broker did not start: $(tail -5 "$DEMO/broker.log")"
+ADDR=$(sed -E 's/.*"listen":"([^"]+)".*/\1/' "$DEMO/broker.ready")
 step "key broker serving mTLS on $ADDR"
 
 if grep -q ' device-mapper$' /proc/misc 2>/dev/null || [ -d /sys/module/dm_mod ]; then BACKEND=dm-crypt; else BACKEND=userspace; fi
@@ -72,9 +81,9 @@ cert = "$DEMO/pki/node-n1.pem"
 key = "$DEMO/pki/node-n1.key"
 ca = "$DEMO/pki/ca.pem"
 EOF
-coproc AGENT { exec "$BIN/nodecrypt-agent" --config "$DEMO/agent.toml" 2>>"$DEMO/agent.log"; }
-AGENT_PID=$AGENT_PID
-read -r -t 30 _ <&"${AGENT[0]}" || die "agent did not start: $(tail -5 "$DEMO/agent.log")"
+"$BIN/nodecrypt-agent" --config "$DEMO/agent.toml" >"$DEMO/agent.ready" 2>>"$DEMO/agent.log" &
+AGENT_PID=$!
+wait_ready "$DEMO/agent.ready" "$AGENT_PID" || die "agent did not start: $(tail -5 "$DEMO/agent.log")"
 step "node agent serving on $DEMO/agent.sock (backend: $BACKEND)"
 nc() { "$BIN/nodecrypt" --socket "$DEMO/agent.sock" "$@"; }
 
