@@ -189,6 +189,7 @@ pub struct Engine {
     backend: Backend,
     sector_size: usize,
     threads: usize,
+    parallel_min: usize,
     inner: Inner,
 }
 
@@ -215,16 +216,26 @@ impl Engine {
             backend,
             sector_size,
             threads: 1,
+            parallel_min: PARALLEL_MIN_BYTES,
             inner: Inner::new(&k, backend)?,
         })
     }
 
-    /// Lets each request of at least [`PARALLEL_MIN_BYTES`] use up to `threads` threads
+    /// Lets each request of at least [`PARALLEL_MIN_BYTES`] (see
+    /// [`Engine::with_parallel_min`]) use up to `threads` threads
     /// (scoped: they are joined before the call returns). `0` means 1. The default is 1:
     /// the userspace data path already calls the engine from several threads.
     #[must_use]
     pub fn with_threads(mut self, threads: usize) -> Self {
         self.threads = threads.max(1);
+        self
+    }
+
+    /// Sets the request size from which [`Engine::with_threads`] splits requests
+    /// (default [`PARALLEL_MIN_BYTES`]; for measuring it, see `examples/threshold.rs`).
+    #[must_use]
+    pub fn with_parallel_min(mut self, bytes: usize) -> Self {
+        self.parallel_min = bytes;
         self
     }
 
@@ -258,7 +269,7 @@ impl Engine {
         self.check(buf, offset)?;
         let ss = self.sector_size;
         let sectors = buf.len() / ss;
-        let threads = if buf.len() >= PARALLEL_MIN_BYTES {
+        let threads = if buf.len() >= self.parallel_min {
             self.threads.min(sectors)
         } else {
             1
