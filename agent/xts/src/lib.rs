@@ -52,8 +52,11 @@ pub const TWEAK_UNIT: u64 = 512;
 /// measured), so 512 KiB is the point above which splitting is a clear win.
 pub const PARALLEL_MIN_BYTES: usize = 512 * 1024;
 
-/// A backend of the engine. Every backend produces identical bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+/// A backend of the engine. Every backend produces identical bytes. Ordered slowest
+/// first, like [`Backend::ALL`].
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
     /// RustCrypto `aes` + `xts-mode`: the reference, and the fallback on any CPU.
