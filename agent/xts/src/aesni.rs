@@ -278,8 +278,8 @@ pub(crate) fn sector_tweaks(
 
 #[target_feature(enable = "aes,pclmulqdq,sse2,ssse3,sse4.1")]
 fn xts<const DEC: bool>(c: &Cipher, buf: &mut [u8], sector_size: usize, tweak: u128, step: u128) {
-    let rk = c.data.load(DEC);
-    let tk = c.tweak.load(false);
+    let mut rk = c.data.load(DEC);
+    let mut tk = c.tweak.load(false);
     let mut first = tweak;
     for group in buf.chunks_mut(sector_size * LANES) {
         let t = sector_tweaks(&tk, first, step);
@@ -288,6 +288,10 @@ fn xts<const DEC: bool>(c: &Cipher, buf: &mut [u8], sector_size: usize, tweak: u
         }
         first = first.wrapping_add(step.wrapping_mul(LANES as u128));
     }
+    // Wipe this call's copies of the round keys (register spills the compiler made
+    // elsewhere on the stack are out of reach).
+    rk.zeroize();
+    tk.zeroize();
 }
 
 /// One sector, `LANES` blocks at a time; `t0` is its encrypted tweak.

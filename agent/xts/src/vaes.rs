@@ -171,8 +171,8 @@ fn mul_x16(t: __m256i, poly: __m256i) -> __m256i {
 
 #[target_feature(enable = "aes,pclmulqdq,sse2,ssse3,sse4.1,avx,avx2,vaes,vpclmulqdq")]
 fn xts<const DEC: bool>(c: &Cipher, buf: &mut [u8], sector_size: usize, tweak: u128, step: u128) {
-    let rk = c.data.load(DEC);
-    let tk = c.tweak.load(false);
+    let mut rk = c.data.load(DEC);
+    let mut tk = c.tweak.load(false);
     let mut first = tweak;
     for batch in buf.chunks_mut(sector_size * SECTOR_BATCH) {
         let t = aesni::sector_tweaks(&tk, first, step);
@@ -181,6 +181,10 @@ fn xts<const DEC: bool>(c: &Cipher, buf: &mut [u8], sector_size: usize, tweak: u
         }
         first = first.wrapping_add(step.wrapping_mul(SECTOR_BATCH as u128));
     }
+    // Wipe this call's copies of the round keys (register spills the compiler made
+    // elsewhere on the stack are out of reach).
+    rk.zeroize();
+    tk.zeroize();
 }
 
 /// One sector, `GROUP` bytes at a time; `t0` is its encrypted tweak.
