@@ -45,15 +45,22 @@ pub const TWEAK_UNIT: u64 = 512;
 /// Requests at least this large are split across the engine's threads (when it has more
 /// than one, see [`Engine::with_threads`]); smaller ones run on the calling thread.
 ///
-/// Measured on the 2-core AMD EPYC (Zen 4) build machine, VAES backend, 4096-byte
-/// sectors: spawning and joining one scoped thread costs ~25-40 µs, during which one core
-/// encrypts ~300 KiB. At 256 KiB two threads already break even and at 1 MiB they
-/// reach 1.7x one thread (see `parallel_threshold` in the crate tests for how this was
-/// measured), so 512 KiB is the point above which splitting is a clear win.
-pub const PARALLEL_MIN_BYTES: usize = 512 * 1024;
+/// Measured with `examples/threshold.rs` on the 2-core AMD EPYC (Zen 4) build machine:
+/// spawning and joining a scoped thread costs 16.5 µs at best, and one core encrypts
+/// 12.9 GB/s (VAES) or 6.5 GB/s (AES-NI) at 4096-byte sectors. Splitting `n` bytes in
+/// two saves `n / 2R` and costs that 16.5 µs, so it breaks even at ~430 KB (VAES) and
+/// reaches 1.5x at ~1.3 MB; with AES-NI at half those sizes. Hence 1 MiB: a gain on an
+/// idle machine for both backends, while typical FUSE requests (≤ 1 MiB, already served
+/// by several threads) stay on their thread. (On that machine, shared at load 4-6, the
+/// second core was rarely free: the fastest 2-thread runs were still 0.8x at 1 MiB, 1.02x
+/// at 2 MiB, 1.2-1.3x at 4 MiB and 1.3-1.9x at 8-16 MiB.)
+pub const PARALLEL_MIN_BYTES: usize = 1024 * 1024;
 
-/// A backend of the engine. Every backend produces identical bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+/// A backend of the engine. Every backend produces identical bytes. Ordered slowest
+/// first, like [`Backend::ALL`].
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
     /// RustCrypto `aes` + `xts-mode`: the reference, and the fallback on any CPU.
@@ -189,6 +196,7 @@ pub struct Engine {
     backend: Backend,
     sector_size: usize,
     threads: usize,
+    parallel_min: usize,
     inner: Inner,
 }
 
@@ -215,16 +223,26 @@ impl Engine {
             backend,
             sector_size,
             threads: 1,
+            parallel_min: PARALLEL_MIN_BYTES,
             inner: Inner::new(&k, backend)?,
         })
     }
 
-    /// Lets each request of at least [`PARALLEL_MIN_BYTES`] use up to `threads` threads
+    /// Lets each request of at least [`PARALLEL_MIN_BYTES`] (see
+    /// [`Engine::with_parallel_min`]) use up to `threads` threads
     /// (scoped: they are joined before the call returns). `0` means 1. The default is 1:
     /// the userspace data path already calls the engine from several threads.
     #[must_use]
     pub fn with_threads(mut self, threads: usize) -> Self {
         self.threads = threads.max(1);
+        self
+    }
+
+    /// Sets the request size from which [`Engine::with_threads`] splits requests
+    /// (default [`PARALLEL_MIN_BYTES`]; for measuring it, see `examples/threshold.rs`).
+    #[must_use]
+    pub fn with_parallel_min(mut self, bytes: usize) -> Self {
+        self.parallel_min = bytes;
         self
     }
 
@@ -258,7 +276,7 @@ impl Engine {
         self.check(buf, offset)?;
         let ss = self.sector_size;
         let sectors = buf.len() / ss;
-        let threads = if buf.len() >= PARALLEL_MIN_BYTES {
+        let threads = if buf.len() >= self.parallel_min {
             self.threads.min(sectors)
         } else {
             1
