@@ -451,3 +451,16 @@ pub fn cleanup_stale(run_dir: &Path) -> Result<(), Error> {
     }
     first.map_or(Ok(()), Err)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mapping_can_move_between_threads() {
+        // The daemon keeps mappings in shared state and closes them from any thread.
+        fn send_sync<T: Send + Sync>() {}
+        send_sync::<Mapping>();
+        send_sync::<Cipher>();
+    }
+}
