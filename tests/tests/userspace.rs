@@ -62,7 +62,7 @@ fn ext4_round_trip_open_twice_and_close_in_use() {
     let env = Env::new();
     let broker = env.start_broker();
     let img = sparse_file(&env.path().join("v.img"), 128);
-    let agent = env.start_agent(&broker.addr, &opts(&[img.clone()]));
+    let agent = env.start_agent(&broker.addr, &opts(std::slice::from_ref(&img)));
     agent
         .cli(&["format", img.to_str().unwrap(), "--volume-id", "vol-u"])
         .ok();
@@ -142,7 +142,7 @@ fn device_bytes_are_exactly_what_the_engine_writes() {
     let env = Env::new();
     let broker = env.start_broker();
     let img = sparse_file(&env.path().join("k.img"), 64);
-    let agent = env.start_agent(&broker.addr, &opts(&[img.clone()]));
+    let agent = env.start_agent(&broker.addr, &opts(std::slice::from_ref(&img)));
     agent
         .cli(&[
             "format",
@@ -199,7 +199,7 @@ fn kill9_of_the_agent_during_writes_loses_nothing_synced() {
     let env = Env::new();
     let broker = env.start_broker();
     let img = sparse_file(&env.path().join("c.img"), 96);
-    let mut agent = env.start_agent(&broker.addr, &opts(&[img.clone()]));
+    let mut agent = env.start_agent(&broker.addr, &opts(std::slice::from_ref(&img)));
     agent
         .cli(&["format", img.to_str().unwrap(), "--volume-id", "vol-c"])
         .ok();
@@ -232,7 +232,7 @@ fn kill9_of_the_agent_during_writes_loses_nothing_synced() {
     writer.join().unwrap();
     let _ = Command::new("umount").arg("-l").arg(&mnt).status();
 
-    let agent = env.start_agent(&broker.addr, &opts(&[img.clone()]));
+    let agent = env.start_agent(&broker.addr, &opts(std::slice::from_ref(&img)));
     let json = run_ok(
         Command::new("cryptsetup")
             .args(["luksDump", "--dump-json-metadata"])
@@ -262,7 +262,7 @@ fn rotation_while_written_loses_nothing() {
     let env = Env::new();
     let broker = env.start_broker();
     let img = sparse_file(&env.path().join("w.img"), 96);
-    let agent = env.start_agent(&broker.addr, &opts(&[img.clone()]));
+    let agent = env.start_agent(&broker.addr, &opts(std::slice::from_ref(&img)));
     agent
         .cli(&["format", img.to_str().unwrap(), "--volume-id", "vol-w"])
         .ok();
