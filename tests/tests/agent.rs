@@ -642,3 +642,45 @@ fn unlock_all_reports_each_volume_and_one_failure_blocks_nothing() {
         agent.cli(&["close", "--volume-id", id]).ok();
     }
 }
+
+#[test]
+fn doctor_reports_kernel_cpu_broker_and_certificate() {
+    let env = Env::new();
+    let broker = env.start_broker();
+    let agent = env.start_agent(&broker.addr, &AgentOpts::default());
+    let doc = agent.cli(&["--json", "doctor"]).ok().json();
+    let check = |doc: &serde_json::Value, prefix: &str| {
+        doc["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"].as_str().unwrap().starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} check: {doc}"))
+            .clone()
+    };
+    let dm = check(&doc, "kernel dm-crypt");
+    let has_dm = fs::read_to_string("/proc/misc")
+        .unwrap()
+        .lines()
+        .any(|l| l.ends_with(" device-mapper"));
+    assert_eq!(dm["ok"], has_dm, "{dm}");
+    let cpu = check(&doc, "cpu aes");
+    assert!(
+        cpu["detail"]
+            .as_str()
+            .unwrap()
+            .contains(nodecrypt_xts::Backend::best().name()),
+        "{cpu}"
+    );
+    assert_eq!(check(&doc, "broker")["ok"], true, "{doc}");
+    let cert = check(&doc, "node certificate");
+    assert_eq!(cert["ok"], true, "{cert}");
+    assert!(
+        cert["detail"].as_str().unwrap().contains("valid for"),
+        "{cert}"
+    );
+    broker.stop();
+    let doc = agent.cli(&["--json", "doctor"]).ok().json();
+    assert_eq!(check(&doc, "broker")["ok"], false, "{doc}");
+    assert_eq!(doc["ok"], false, "{doc}");
+}
