@@ -46,7 +46,7 @@ fn main() {
         let mut kib = 64;
         while kib <= 64 * 1024 {
             let mut buf = vec![0u8; kib * 1024];
-            let n = (rounds * 1024 / kib).clamp(40, rounds);
+            let n = (rounds * 1024 / kib).clamp(rounds / 4, rounds);
             let mut t1 = Duration::MAX;
             let mut t2 = Duration::MAX;
             for _ in 0..n {

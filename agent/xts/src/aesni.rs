@@ -2,10 +2,10 @@
 //! of a group computed ahead of it (PCLMULQDQ multiplies each by x⁸ in one step), the
 //! tweak encryptions of 8 sectors batched.
 //!
-//! Every `unsafe` here is a call into a `#[target_feature]` function or intrinsic, or an
-//! unaligned load/store inside a slice whose length has been checked. A [`Cipher`] can
-//! only be built after [`supported`] returned true, so holding one proves the CPU has
-//! the features its methods enable.
+//! Every `unsafe` here is a call into a `#[target_feature]` function, an unaligned
+//! load/store inside a slice whose length has been checked, or a register-only `asm!`
+//! block of AES round instructions. A [`Cipher`] can only be built after [`supported`]
+//! returned true, so holding one proves the CPU has the features its methods enable.
 //!
 //! The round-key expansion also serves the VAES backend ([`Schedule`]).
 

@@ -45,16 +45,15 @@ pub const TWEAK_UNIT: u64 = 512;
 /// Requests at least this large are split across the engine's threads (when it has more
 /// than one, see [`Engine::with_threads`]); smaller ones run on the calling thread.
 ///
-/// Measured with `examples/threshold.rs` on the 2-core AMD EPYC (Zen 4) build machine:
-/// spawning and joining a scoped thread costs 16.5 µs at best, and one core encrypts
-/// 12.9 GB/s (VAES) or 6.5 GB/s (AES-NI) at 4096-byte sectors. Splitting `n` bytes in
-/// two saves `n / 2R` and costs that 16.5 µs, so it breaks even at ~430 KB (VAES) and
-/// reaches 1.5x at ~1.3 MB; with AES-NI at half those sizes. Hence 1 MiB: a gain on an
-/// idle machine for both backends, while typical FUSE requests (≤ 1 MiB, already served
-/// by several threads) stay on their thread. (On that machine, shared at load 4-6, the
-/// second core was rarely free: the fastest 2-thread runs were still 0.8x at 1 MiB, 1.02x
-/// at 2 MiB, 1.2-1.3x at 4 MiB and 1.3-1.9x at 8-16 MiB.)
-pub const PARALLEL_MIN_BYTES: usize = 1024 * 1024;
+/// Measured with `examples/threshold.rs` (fastest of 100-400 runs per point, 4096-byte
+/// sectors) on the 2-core AMD EPYC (Zen 4) build machine: spawning and joining a scoped
+/// thread costs 16.7 µs; one core encrypts 12.9 GB/s (VAES) or 6.4 GB/s (AES-NI). On an
+/// idle core, splitting `n` bytes in two saves `n / 2R` for those 16.7 µs: break-even at
+/// ~430 KB (VAES), 1.65x at 2 MiB. But that machine was shared (load 4-6), like the
+/// hosts this runs on, which are busy with VMs; there the second core is often not free
+/// at once, and two threads measured 0.77-1.00x at 1 MiB, 1.06-1.40x at 2 MiB, 1.3-1.6x
+/// at 4 MiB and up to 1.98x at 64 MiB. 2 MiB is the smallest size that won in every run.
+pub const PARALLEL_MIN_BYTES: usize = 2 * 1024 * 1024;
 
 /// A backend of the engine. Every backend produces identical bytes. Ordered slowest
 /// first, like [`Backend::ALL`].

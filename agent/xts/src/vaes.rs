@@ -3,10 +3,10 @@
 //! computed ahead of it, each register advanced by x¹⁶ with one VPCLMULQDQ; the tweak
 //! encryptions of 8 sectors are batched (AES-NI, shared with the `aesni` module).
 //!
-//! Every `unsafe` here is a call into a `#[target_feature]` function or intrinsic, or an
-//! unaligned load/store inside a slice whose length has been checked. A [`Cipher`] can
-//! only be built after [`supported`] returned true, so holding one proves the CPU has
-//! the features its methods enable.
+//! Every `unsafe` here is a call into a `#[target_feature]` function, an unaligned
+//! load/store inside a slice whose length has been checked, or a register-only `asm!`
+//! block of AES round instructions. A [`Cipher`] can only be built after [`supported`]
+//! returned true, so holding one proves the CPU has the features its methods enable.
 
 use core::arch::asm;
 use core::arch::x86_64::*;
