@@ -684,3 +684,36 @@ fn doctor_reports_kernel_cpu_broker_and_certificate() {
     assert_eq!(check(&doc, "broker")["ok"], false, "{doc}");
     assert_eq!(doc["ok"], false, "{doc}");
 }
+
+#[test]
+fn bench_measures_every_backend_this_cpu_has() {
+    let mut cmd = Command::new(bin("nodecrypt"));
+    cmd.args(["--json", "bench", "--seconds", "0.02"]);
+    let out = run_cli(cmd).ok();
+    let rows = out.json()["results"].as_array().unwrap().clone();
+    let supported: Vec<_> = nodecrypt_xts::Backend::ALL
+        .iter()
+        .filter(|b| b.is_supported())
+        .collect();
+    assert_eq!(rows.len(), supported.len() * 4, "{rows:?}");
+    for b in supported {
+        for sector in [512, 4096] {
+            for dir in ["encrypt", "decrypt"] {
+                let r = rows
+                    .iter()
+                    .find(|r| {
+                        r["backend"] == b.name()
+                            && r["sector_size"] == sector
+                            && r["direction"] == dir
+                    })
+                    .unwrap_or_else(|| panic!("no {b:?} {sector} {dir}: {rows:?}"));
+                assert!(r["gb_per_s"].as_f64().unwrap() > 0.0, "{r}");
+            }
+        }
+    }
+    for bad in [["--seconds", "0"], ["--threads", "0"]] {
+        let mut cmd = Command::new(bin("nodecrypt"));
+        cmd.arg("bench").args(bad);
+        assert_eq!(run_cli(cmd).code, 2);
+    }
+}
