@@ -19,10 +19,12 @@ test: build
 	$(CARGO) build -p nodecrypt-agent --features failpoints --bin nodecrypt-agent
 	cp target/debug/nodecrypt-agent target/debug/nodecrypt-agent-failpoints
 	$(CARGO) build --workspace --bins
-	$(CARGO) test --workspace --no-fail-fast
+	# A hard ceiling: a hung test fails the run instead of eating CI's time limit.
+	timeout --kill-after=60 3000 $(CARGO) test --workspace --no-fail-fast
 
 # Criterion benchmarks: XTS engine vs OpenSSL and xts-mode; broker throughput/latency.
 bench: deps
+	$(CARGO) build --release --workspace --bins
 	$(CARGO) bench -p nodecrypt-benches
 
 demo: deps

@@ -9,6 +9,5 @@ pub mod key;
 pub mod luks;
 pub mod mapping;
 pub mod service;
-#[path = "userspace_pending.rs"]
 pub mod userspace;
 pub mod volume;

@@ -125,14 +125,14 @@ impl Mapped {
             Mapped::User {
                 volume_id,
                 name,
-                mapping,
+                mut mapping,
             } => match mapping.close() {
                 Ok(()) => Ok(()),
-                Err((mapping, e)) => {
+                Err(e) => {
                     let err = match e {
-                        userspace::Error::InUse { what, .. } => MappingError::InUse {
+                        userspace::Error::InUse { path, reason } => MappingError::InUse {
                             volume_id: volume_id.clone(),
-                            what,
+                            what: format!("{} ({reason})", path.display()),
                         },
                         e => MappingError::Userspace {
                             volume_id: volume_id.clone(),
@@ -215,13 +215,7 @@ pub fn open(
         volume_id: token.volume_id.clone(),
         what: e.to_string(),
     };
-    let engine =
-        nodecrypt_xts::Engine::new(master.expose(), header.sector_size as usize).map_err(|e| {
-            MappingError::Userspace {
-                volume_id: token.volume_id.clone(),
-                what: e.to_string(),
-            }
-        })?;
+    let cipher = userspace::Cipher::xts(&master, header.sector_size).map_err(uerr)?;
     drop(master);
     let geometry = userspace::Geometry {
         data_offset: header.data_offset,
@@ -229,14 +223,8 @@ pub fn open(
         sector_size: header.sector_size,
     };
     let dir = run_dir.join("mnt").join(&token.volume_id);
-    let mapping = userspace::Mapping::mount(
-        &dir,
-        &dev.path,
-        geometry,
-        userspace::Cipher::Xts(engine),
-        true,
-    )
-    .map_err(uerr)?;
+    let mapping =
+        userspace::Mapping::mount(&dir, &dev.path, geometry, cipher, true).map_err(uerr)?;
     Ok(Mapped::User {
         volume_id: token.volume_id.clone(),
         name: name.to_string(),

@@ -841,7 +841,28 @@ impl Agent {
 
 fn cert_check(path: &Path) -> pb::DoctorCheck {
     let (ok, detail) = match nodecrypt_keybroker::tls::load_certs(path) {
-        Ok(certs) if !certs.is_empty() => (true, format!("{} loads", path.display())),
+        Ok(certs) if !certs.is_empty() => match x509_parser::parse_x509_certificate(&certs[0]) {
+            Ok((_, cert)) => match cert.validity().time_to_expiration() {
+                Some(left) => (
+                    true,
+                    format!(
+                        "{} valid for {} more days",
+                        path.display(),
+                        left.whole_days()
+                    ),
+                ),
+                None => (
+                    false,
+                    format!(
+                        "{} is not valid now (valid {} to {})",
+                        path.display(),
+                        cert.validity().not_before,
+                        cert.validity().not_after
+                    ),
+                ),
+            },
+            Err(e) => (false, format!("{}: {e}", path.display())),
+        },
         Ok(_) => (false, format!("{}: no certificate", path.display())),
         Err(e) => (false, e.to_string()),
     };

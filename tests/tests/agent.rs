@@ -548,7 +548,7 @@ fn unlock_all_reports_each_volume_and_one_failure_blocks_nothing() {
         .collect();
     let opts = AgentOpts {
         file_devices: imgs.clone(),
-        backend: "dm-crypt".into(),
+        backend: "userspace".into(),
         ..Default::default()
     };
     let agent = env.start_agent(&broker.addr, &opts);
@@ -618,14 +618,102 @@ fn unlock_all_reports_each_volume_and_one_failure_blocks_nothing() {
     let results = doc["results"].as_array().unwrap();
     assert_eq!(results.len(), 3, "{doc}");
     for r in results {
-        // No device-mapper here: every volume whose key was served fails at mapping time
-        // with the device-mapper message; the destroyed one fails at the broker.
         let msg = r["message"].as_str().unwrap();
         if r["volume_id"] == winner {
+            assert_eq!(r["ok"], false, "{r}");
             assert!(msg.contains("destroyed"), "{r}");
         } else {
-            assert!(msg.contains("device-mapper"), "{r}");
+            assert_eq!(r["ok"], true, "{r}");
+            assert_eq!(r["volume"]["state"], "open", "{r}");
+            assert!(
+                r["volume"]["mapped_device"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("/dev/loop"),
+                "{r}"
+            );
         }
     }
     assert_eq!(out.code, 3, "{out:?}");
+    // Running it again is safe: the open volumes stay open, the destroyed one still fails.
+    let again = agent.cli(&["--json", "unlock-all"]).json();
+    assert_eq!(again["failed"], 1, "{again}");
+    for id in ["vol-u0", "vol-u2"] {
+        agent.cli(&["close", "--volume-id", id]).ok();
+    }
+}
+
+#[test]
+fn doctor_reports_kernel_cpu_broker_and_certificate() {
+    let env = Env::new();
+    let broker = env.start_broker();
+    let agent = env.start_agent(&broker.addr, &AgentOpts::default());
+    let doc = agent.cli(&["--json", "doctor"]).ok().json();
+    let check = |doc: &serde_json::Value, prefix: &str| {
+        doc["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"].as_str().unwrap().starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} check: {doc}"))
+            .clone()
+    };
+    let dm = check(&doc, "kernel dm-crypt");
+    let has_dm = fs::read_to_string("/proc/misc")
+        .unwrap()
+        .lines()
+        .any(|l| l.ends_with(" device-mapper"));
+    assert_eq!(dm["ok"], has_dm, "{dm}");
+    let cpu = check(&doc, "cpu aes");
+    assert!(
+        cpu["detail"]
+            .as_str()
+            .unwrap()
+            .contains(nodecrypt_xts::Backend::best().name()),
+        "{cpu}"
+    );
+    assert_eq!(check(&doc, "broker")["ok"], true, "{doc}");
+    let cert = check(&doc, "node certificate");
+    assert_eq!(cert["ok"], true, "{cert}");
+    assert!(
+        cert["detail"].as_str().unwrap().contains("valid for"),
+        "{cert}"
+    );
+    broker.stop();
+    let doc = agent.cli(&["--json", "doctor"]).ok().json();
+    assert_eq!(check(&doc, "broker")["ok"], false, "{doc}");
+    assert_eq!(doc["ok"], false, "{doc}");
+}
+
+#[test]
+fn bench_measures_every_backend_this_cpu_has() {
+    let mut cmd = Command::new(bin("nodecrypt"));
+    cmd.args(["--json", "bench", "--seconds", "0.02"]);
+    let out = run_cli(cmd).ok();
+    let rows = out.json()["results"].as_array().unwrap().clone();
+    let supported: Vec<_> = nodecrypt_xts::Backend::ALL
+        .iter()
+        .filter(|b| b.is_supported())
+        .collect();
+    assert_eq!(rows.len(), supported.len() * 4, "{rows:?}");
+    for b in supported {
+        for sector in [512, 4096] {
+            for dir in ["encrypt", "decrypt"] {
+                let r = rows
+                    .iter()
+                    .find(|r| {
+                        r["backend"] == b.name()
+                            && r["sector_size"] == sector
+                            && r["direction"] == dir
+                    })
+                    .unwrap_or_else(|| panic!("no {b:?} {sector} {dir}: {rows:?}"));
+                assert!(r["gb_per_s"].as_f64().unwrap() > 0.0, "{r}");
+            }
+        }
+    }
+    for bad in [["--seconds", "0"], ["--threads", "0"]] {
+        let mut cmd = Command::new(bin("nodecrypt"));
+        cmd.arg("bench").args(bad);
+        assert_eq!(run_cli(cmd).code, 2);
+    }
 }

@@ -605,7 +605,7 @@ async fn destroyed_keys_are_gone_from_the_store_file() {
         contains(&file, wrapped[0].as_bytes()),
         "the wrapped key is in the store before destroy"
     );
-    assert_no_key_material("store file", &file, &[doomed.key.clone()]);
+    assert_no_key_material("store file", &file, std::slice::from_ref(&doomed.key));
 
     let broker = env.start_broker();
     let mut n1 = env.client(&broker, "node-n1");

@@ -216,44 +216,17 @@ async fn connect(socket: PathBuf, timeout: Duration) -> Result<AgentClient<Chann
 }
 
 fn bench(seconds: f64, threads: usize) -> Vec<Value> {
-    use nodecrypt_xts::{Backend, Engine};
-    let threads = threads.max(1);
-    let mut out = Vec::new();
-    let mut buf = vec![0x5au8; 8 << 20];
-    for backend in Backend::ALL.iter().copied().filter(|b| b.is_supported()) {
-        for sector in [512usize, 4096] {
-            let Ok(engine) = Engine::with_backend(&[7u8; 64], sector, backend) else {
-                continue;
-            };
-            for dir in ["encrypt", "decrypt"] {
-                let start = std::time::Instant::now();
-                let mut bytes = 0u64;
-                while start.elapsed().as_secs_f64() < seconds {
-                    let chunk = buf.len() / threads;
-                    std::thread::scope(|s| {
-                        for (i, part) in buf.chunks_mut(chunk).enumerate() {
-                            let engine = &engine;
-                            s.spawn(move || {
-                                let off = (i * chunk) as u64;
-                                let _ = if dir == "encrypt" {
-                                    engine.encrypt(part, off)
-                                } else {
-                                    engine.decrypt(part, off)
-                                };
-                            });
-                        }
-                    });
-                    bytes += buf.len() as u64;
-                }
-                let gbps = bytes as f64 / start.elapsed().as_secs_f64() / 1e9;
-                out.push(json!({
-                    "backend": backend.name(), "sector_size": sector, "direction": dir,
-                    "threads": threads, "gb_per_s": (gbps * 1000.0).round() / 1000.0,
-                }));
-            }
-        }
-    }
-    out
+    nodecrypt_xts::bench(seconds, threads)
+        .into_iter()
+        .map(|r| {
+            json!({
+                "backend": r.backend.name(), "sector_size": r.sector_size,
+                "direction": serde_json::to_value(r.direction).unwrap_or_default(),
+                "threads": r.threads, "bytes": r.bytes, "seconds": r.seconds,
+                "gb_per_s": (r.gb_per_s * 1000.0).round() / 1000.0,
+            })
+        })
+        .collect()
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -279,6 +252,9 @@ async fn run(cli: Cli) -> Result<(), (u8, String)> {
     if let Cmd::Bench { seconds, threads } = cli.cmd {
         if !(seconds > 0.0 && seconds <= 600.0) {
             return Err((2, "--seconds must be in (0, 600]".into()));
+        }
+        if threads == 0 || threads > 256 {
+            return Err((2, "--threads must be in 1..=256".into()));
         }
         let rows = bench(seconds, threads);
         if json_out {

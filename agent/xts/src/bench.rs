@@ -33,7 +33,7 @@ impl Direction {
     }
 }
 
-/// One measurement of [`bench`].
+/// One measurement of [`bench()`].
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct BenchResult {
     /// The backend measured.

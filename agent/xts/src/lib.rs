@@ -45,15 +45,21 @@ pub const TWEAK_UNIT: u64 = 512;
 /// Requests at least this large are split across the engine's threads (when it has more
 /// than one, see [`Engine::with_threads`]); smaller ones run on the calling thread.
 ///
-/// Measured on the 2-core AMD EPYC (Zen 4) build machine, VAES backend, 4096-byte
-/// sectors: spawning and joining one scoped thread costs ~25-40 µs, during which one core
-/// encrypts ~300 KiB. At 256 KiB two threads already break even and at 1 MiB they
-/// reach 1.7x one thread (see `parallel_threshold` in the crate tests for how this was
-/// measured), so 512 KiB is the point above which splitting is a clear win.
-pub const PARALLEL_MIN_BYTES: usize = 512 * 1024;
+/// Measured with `examples/threshold.rs` (fastest of 100-400 runs per point, 4096-byte
+/// sectors) on the 2-core AMD EPYC (Zen 4) build machine: spawning and joining a scoped
+/// thread costs 16.7 µs; one core encrypts 12.9 GB/s (VAES) or 6.4 GB/s (AES-NI). On an
+/// idle core, splitting `n` bytes in two saves `n / 2R` for those 16.7 µs: break-even at
+/// ~430 KB (VAES), 1.65x at 2 MiB. But that machine was shared (load 4-6), like the
+/// hosts this runs on, which are busy with VMs; there the second core is often not free
+/// at once, and two threads measured 0.77-1.00x at 1 MiB, 1.06-1.40x at 2 MiB, 1.3-1.6x
+/// at 4 MiB and up to 1.98x at 64 MiB. 2 MiB is the smallest size that won in every run.
+pub const PARALLEL_MIN_BYTES: usize = 2 * 1024 * 1024;
 
-/// A backend of the engine. Every backend produces identical bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+/// A backend of the engine. Every backend produces identical bytes. Ordered slowest
+/// first, like [`Backend::ALL`].
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Backend {
     /// RustCrypto `aes` + `xts-mode`: the reference, and the fallback on any CPU.
@@ -189,6 +195,7 @@ pub struct Engine {
     backend: Backend,
     sector_size: usize,
     threads: usize,
+    parallel_min: usize,
     inner: Inner,
 }
 
@@ -215,16 +222,26 @@ impl Engine {
             backend,
             sector_size,
             threads: 1,
+            parallel_min: PARALLEL_MIN_BYTES,
             inner: Inner::new(&k, backend)?,
         })
     }
 
-    /// Lets each request of at least [`PARALLEL_MIN_BYTES`] use up to `threads` threads
+    /// Lets each request of at least [`PARALLEL_MIN_BYTES`] (see
+    /// [`Engine::with_parallel_min`]) use up to `threads` threads
     /// (scoped: they are joined before the call returns). `0` means 1. The default is 1:
     /// the userspace data path already calls the engine from several threads.
     #[must_use]
     pub fn with_threads(mut self, threads: usize) -> Self {
         self.threads = threads.max(1);
+        self
+    }
+
+    /// Sets the request size from which [`Engine::with_threads`] splits requests
+    /// (default [`PARALLEL_MIN_BYTES`]; for measuring it, see `examples/threshold.rs`).
+    #[must_use]
+    pub fn with_parallel_min(mut self, bytes: usize) -> Self {
+        self.parallel_min = bytes;
         self
     }
 
@@ -258,7 +275,7 @@ impl Engine {
         self.check(buf, offset)?;
         let ss = self.sector_size;
         let sectors = buf.len() / ss;
-        let threads = if buf.len() >= PARALLEL_MIN_BYTES {
+        let threads = if buf.len() >= self.parallel_min {
             self.threads.min(sectors)
         } else {
             1

@@ -3,11 +3,12 @@
 //! computed ahead of it, each register advanced by x¹⁶ with one VPCLMULQDQ; the tweak
 //! encryptions of 8 sectors are batched (AES-NI, shared with the `aesni` module).
 //!
-//! Every `unsafe` here is a call into a `#[target_feature]` function or intrinsic, or an
-//! unaligned load/store inside a slice whose length has been checked. A [`Cipher`] can
-//! only be built after [`supported`] returned true, so holding one proves the CPU has
-//! the features its methods enable.
+//! Every `unsafe` here is a call into a `#[target_feature]` function, an unaligned
+//! load/store inside a slice whose length has been checked, or a register-only `asm!`
+//! block of AES round instructions. A [`Cipher`] can only be built after [`supported`]
+//! returned true, so holding one proves the CPU has the features its methods enable.
 
+use core::arch::asm;
 use core::arch::x86_64::*;
 
 use zeroize::{Zeroize, ZeroizeOnDrop};
@@ -16,13 +17,46 @@ use crate::aesni::{self, Schedule, ROUND_KEYS};
 use crate::KEY_LEN;
 
 /// 256-bit registers per group (two blocks each).
-const VECS: usize = 8;
+const VECS: usize = 8; // `round8!` is written for 8
 
 /// Bytes per group.
 const GROUP: usize = 32 * VECS;
 
 /// Sectors whose tweaks are encrypted together.
 const SECTOR_BATCH: usize = 8;
+
+/// One AES round (`$op`: `vaesenc` or `vaesdec`) of all 8 registers of `$b` (16 blocks)
+/// with round key `$k`, as 8 independent instructions back to back. Written with `asm!`
+/// because LLVM, given intrinsics, schedules each register's 14 dependent rounds back to
+/// back, which starves the two pipelined AES units.
+macro_rules! round8 {
+    ($op:literal, $b:expr, $k:expr) => {
+        // SAFETY: register-only VAES instructions, no memory, stack or flags touched;
+        // only expanded inside functions that enable the `vaes` and `avx` features.
+        unsafe {
+            asm!(
+                concat!($op, " {0}, {0}, {8}"),
+                concat!($op, " {1}, {1}, {8}"),
+                concat!($op, " {2}, {2}, {8}"),
+                concat!($op, " {3}, {3}, {8}"),
+                concat!($op, " {4}, {4}, {8}"),
+                concat!($op, " {5}, {5}, {8}"),
+                concat!($op, " {6}, {6}, {8}"),
+                concat!($op, " {7}, {7}, {8}"),
+                inout(ymm_reg) $b[0],
+                inout(ymm_reg) $b[1],
+                inout(ymm_reg) $b[2],
+                inout(ymm_reg) $b[3],
+                inout(ymm_reg) $b[4],
+                inout(ymm_reg) $b[5],
+                inout(ymm_reg) $b[6],
+                inout(ymm_reg) $b[7],
+                in(ymm_reg) $k,
+                options(pure, nomem, nostack, preserves_flags),
+            )
+        }
+    };
+}
 
 /// Whether this CPU has what [`Cipher`] uses.
 pub(crate) fn supported() -> bool {
@@ -137,8 +171,8 @@ fn mul_x16(t: __m256i, poly: __m256i) -> __m256i {
 
 #[target_feature(enable = "aes,pclmulqdq,sse2,ssse3,sse4.1,avx,avx2,vaes,vpclmulqdq")]
 fn xts<const DEC: bool>(c: &Cipher, buf: &mut [u8], sector_size: usize, tweak: u128, step: u128) {
-    let rk = c.data.load(DEC);
-    let tk = c.tweak.load(false);
+    let mut rk = c.data.load(DEC);
+    let mut tk = c.tweak.load(false);
     let mut first = tweak;
     for batch in buf.chunks_mut(sector_size * SECTOR_BATCH) {
         let t = aesni::sector_tweaks(&tk, first, step);
@@ -147,6 +181,10 @@ fn xts<const DEC: bool>(c: &Cipher, buf: &mut [u8], sector_size: usize, tweak: u
         }
         first = first.wrapping_add(step.wrapping_mul(SECTOR_BATCH as u128));
     }
+    // Wipe this call's copies of the round keys (register spills the compiler made
+    // elsewhere on the stack are out of reach).
+    rk.zeroize();
+    tk.zeroize();
 }
 
 /// One sector, `GROUP` bytes at a time; `t0` is its encrypted tweak.
@@ -155,9 +193,10 @@ fn xts<const DEC: bool>(c: &Cipher, buf: &mut [u8], sector_size: usize, tweak: u
 fn xts_sector<const DEC: bool>(rk: &[__m256i; ROUND_KEYS], sector: &mut [u8], t0: __m128i) {
     let poly = _mm256_set_epi64x(0, 0x87, 0, 0x87);
     // Register i holds the tweaks of blocks 2i and 2i+1 (low lane first, as in memory).
+    // Each from the first, not in a chain: no long dependency at the start of a sector.
     let mut t = [_mm256_set_m128i(aesni::mul_xk(t0, 1), t0); VECS];
-    for i in 1..VECS {
-        t[i] = mul_xk(t[i - 1], 2, poly);
+    for (i, ti) in t.iter_mut().enumerate().skip(1) {
+        *ti = mul_xk(*ti, 2 * i as i32, poly);
     }
     for group in sector.chunks_exact_mut(GROUP) {
         let p: *mut __m256i = group.as_mut_ptr().cast();
@@ -169,12 +208,10 @@ fn xts_sector<const DEC: bool>(rk: &[__m256i; ROUND_KEYS], sector: &mut [u8], t0
             b[i] = _mm256_xor_si256(_mm256_xor_si256(x, t[i]), rk[0]);
         }
         for k in &rk[1..ROUND_KEYS - 1] {
-            for x in b.iter_mut() {
-                *x = if DEC {
-                    _mm256_aesdec_epi128(*x, *k)
-                } else {
-                    _mm256_aesenc_epi128(*x, *k)
-                };
+            if DEC {
+                round8!("vaesdec", b, *k);
+            } else {
+                round8!("vaesenc", b, *k);
             }
         }
         for i in 0..VECS {

@@ -299,6 +299,64 @@ fn threaded_requests_equal_single_threaded() {
 }
 
 #[test]
+fn splitting_tiny_requests_across_more_threads_than_sectors() {
+    let (mut rng, seed) = rng();
+    let key = random_key(&mut rng);
+    for backend in supported() {
+        for sector_size in [512usize, 4096] {
+            let single = Engine::with_backend(&key, sector_size, backend).unwrap();
+            let multi = Engine::with_backend(&key, sector_size, backend)
+                .unwrap()
+                .with_threads(7)
+                .with_parallel_min(0);
+            for n in [1usize, 2, 3, 5, 8, 13] {
+                let mut a = vec![0u8; n * sector_size];
+                fill(&mut rng, &mut a);
+                let mut b = a.clone();
+                let offset = rng.random_range(0..1u64 << 40) * sector_size as u64;
+                single.encrypt(&mut a, offset).unwrap();
+                multi.encrypt(&mut b, offset).unwrap();
+                assert!(a == b, "{backend} {n}x{sector_size} (seed {seed})");
+            }
+        }
+    }
+}
+
+#[test]
+fn one_engine_serves_concurrent_callers() {
+    // As the FUSE threads do: one shared engine, each thread its own region.
+    let (mut rng, seed) = rng();
+    let key = random_key(&mut rng);
+    for backend in supported() {
+        let engine = Engine::with_backend(&key, 4096, backend).unwrap();
+        let mut regions: Vec<(u64, Vec<u8>)> = (0..4u64)
+            .map(|i| {
+                let mut v = vec![0u8; 64 * 4096];
+                fill(&mut rng, &mut v);
+                (i * (1 << 32) * 4096, v)
+            })
+            .collect();
+        let want: Vec<Vec<u8>> = regions
+            .iter()
+            .map(|(offset, v)| {
+                let mut w = v.clone();
+                with_openssl(&key, false, &mut w, 4096, *offset);
+                w
+            })
+            .collect();
+        std::thread::scope(|s| {
+            for (offset, v) in regions.iter_mut() {
+                let engine = &engine;
+                s.spawn(move || engine.encrypt(v, *offset).unwrap());
+            }
+        });
+        for (i, ((_, got), want)) in regions.iter().zip(&want).enumerate() {
+            assert!(got == want, "{backend} region {i} (seed {seed})");
+        }
+    }
+}
+
+#[test]
 fn bad_input_is_an_error_and_leaves_the_buffer_alone() {
     let key = [0x42u8; KEY_LEN];
     for len in [0, 1, 32, 63, 65, 128] {

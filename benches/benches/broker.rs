@@ -1,0 +1,520 @@
+//! Key broker throughput and latency, end to end over loopback.
+//!
+//! Starts the real `nodecrypt-keybroker` binary (the release build in the same target
+//! directory: `make bench` builds it first) with a dev PKI in a temporary directory, has
+//! every client create its volumes, then runs 64 concurrent mTLS clients, each on its own
+//! connection with its own node identity, for a fixed time:
+//!
+//! - `GetVolumeKey` round-robin over the client's volumes (store read, KEK unwrap,
+//!   authorization, one audit line), and
+//! - the peer measured in the same run by the same clients on the same connections:
+//!   `grpc.health.v1.Health/Check` (TLS, HTTP/2 and gRPC only: no crypto, no store, no
+//!   audit), so `keys/s ÷ health/s` says how much of the transport's capacity a key fetch
+//!   leaves.
+//!
+//! Both with the audit log fsynced before each answer (the default) and without
+//! (`audit_fsync = false`). Writes `target/bench/broker.json` and prints a table.
+//!
+//! Knobs (environment): `NODECRYPT_BENCH_SECONDS` (default 10 per phase),
+//! `NODECRYPT_BENCH_CLIENTS` (64), `NODECRYPT_BENCH_VOLUMES` (1024 in all).
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nodecrypt_keybroker::{client, tls};
+use nodecrypt_proto::keybroker::v1 as pb;
+use pb::key_broker_client::KeyBrokerClient;
+use serde_json::json;
+use tonic::transport::Channel;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+const TRUST_DOMAIN: &str = "bench.nodecrypt.test";
+/// Goal on the 2-core reference machine (issue 2).
+const GOAL_KEYS_PER_SEC: f64 = 10_000.0;
+const GOAL_P99_MS: f64 = 10.0;
+
+fn env_or(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// `target/<profile>/`, where cargo put this bench's executable's parent `deps/`.
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("bench executable path");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<bench>")
+        .to_path_buf()
+}
+
+/// Runs a command to completion with a deadline; panics with its output on failure.
+fn run_ok(cmd: &mut Command, deadline: Duration) {
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(deadline) {
+        Ok(Ok(out)) if out.status.success() => {}
+        Ok(out) => panic!("{cmd:?} failed: {out:?}"),
+        Err(_) => {
+            kill(pid, nix::sys::signal::Signal::SIGKILL);
+            panic!("{cmd:?} took longer than {deadline:?}");
+        }
+    }
+}
+
+fn kill(pid: u32, sig: nix::sys::signal::Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
+}
+
+/// A broker process; SIGTERM (then SIGKILL past 10 s) on drop.
+struct Broker {
+    child: Option<Child>,
+    addr: String,
+}
+
+impl Broker {
+    fn start(bin: &Path, dir: &Path, fsync: bool) -> Self {
+        let pki = dir.join("pki");
+        let state = dir.join(format!("state-fsync-{fsync}"));
+        run_ok(
+            Command::new(bin).args(["init", "--state-dir"]).arg(&state),
+            Duration::from_secs(30),
+        );
+        let config = dir.join(format!("broker-fsync-{fsync}.toml"));
+        fs::write(
+            &config,
+            format!(
+                "listen = \"127.0.0.1:0\"\ntrust_domain = \"{TRUST_DOMAIN}\"\nstate_dir = \"{}\"\n\
+                 audit_fsync = {fsync}\n\n[tls]\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n",
+                state.display(),
+                pki.join("broker.pem").display(),
+                pki.join("broker.key").display(),
+                pki.join("ca.pem").display(),
+            ),
+        )
+        .expect("write broker config");
+        let log = fs::File::create(dir.join(format!("broker-fsync-{fsync}.log"))).unwrap();
+        let mut child = Command::new(bin)
+            .args(["--log-format", "json", "serve", "--config"])
+            .arg(&config)
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawn broker");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_default();
+        let mut broker = Self {
+            child: Some(child),
+            addr: String::new(),
+        };
+        let ready: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|_| panic!("broker did not become ready; see {}", dir.display()));
+        broker.addr = ready["listen"].as_str().expect("listen").to_string();
+        broker
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// CPU time (user + system) the broker has used so far.
+    fn cpu(&self) -> Duration {
+        proc_cpu(self.pid())
+    }
+}
+
+/// CPU time (user + system, all threads) process `pid` has used so far.
+fn proc_cpu(pid: u32) -> Duration {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/<pid>/stat");
+    // Fields after the parenthesised command name start at field 3 (state); utime and
+    // stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as u64;
+    Duration::from_micros(ticks * 1_000_000 / hz)
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let pid = child.id();
+        kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        if rx.recv_timeout(Duration::from_secs(10)).is_err() {
+            kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+}
+
+/// One benchmark client: its own connection and node identity, its own volumes.
+#[derive(Clone)]
+struct BenchClient {
+    keys: KeyBrokerClient<Channel>,
+    health: HealthClient<Channel>,
+    volumes: Arc<Vec<String>>,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Call {
+    GetVolumeKey,
+    HealthCheck,
+}
+
+/// What a phase measured.
+struct Stats {
+    ops: u64,
+    errors: u64,
+    elapsed: Duration,
+    broker_cpu: Duration,
+    client_cpu: Duration,
+    /// Latencies in microseconds, sorted.
+    lat_us: Vec<u32>,
+}
+
+impl Stats {
+    fn per_sec(&self) -> f64 {
+        self.ops as f64 / self.elapsed.as_secs_f64()
+    }
+    fn pct_ms(&self, p: f64) -> f64 {
+        if self.lat_us.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((self.lat_us.len() as f64 - 1.0) * p).round() as usize;
+        self.lat_us[i] as f64 / 1000.0
+    }
+    fn cpu_us_per_op(&self) -> f64 {
+        self.broker_cpu.as_secs_f64() * 1e6 / self.ops.max(1) as f64
+    }
+    fn client_cpu_us_per_op(&self) -> f64 {
+        self.client_cpu.as_secs_f64() * 1e6 / self.ops.max(1) as f64
+    }
+    /// What `cpus` otherwise idle cores would sustain if broker and clients were CPU
+    /// bound at the CPU cost per call measured here (a model, not a measurement: on a
+    /// shared machine the measured rate is whatever CPU the other tenants left).
+    fn cpu_bound_ceiling(&self, cpus: usize) -> f64 {
+        cpus as f64 * 1e6 / (self.cpu_us_per_op() + self.client_cpu_us_per_op())
+    }
+    fn json(&self, cpus: usize) -> serde_json::Value {
+        json!({
+            "ops": self.ops,
+            "errors": self.errors,
+            "seconds": self.elapsed.as_secs_f64(),
+            "per_sec": self.per_sec(),
+            "p50_ms": self.pct_ms(0.50),
+            "p99_ms": self.pct_ms(0.99),
+            "max_ms": self.pct_ms(1.0),
+            "broker_cpu_seconds": self.broker_cpu.as_secs_f64(),
+            "broker_cpu_us_per_op": self.cpu_us_per_op(),
+            "client_cpu_seconds": self.client_cpu.as_secs_f64(),
+            "client_cpu_us_per_op": self.client_cpu_us_per_op(),
+            "loadavg_1m_after": loadavg_1m(),
+            "cpu_bound_ceiling_per_sec": self.cpu_bound_ceiling(cpus),
+        })
+    }
+}
+
+async fn phase(broker: &Broker, clients: &[BenchClient], call: Call, dur: Duration) -> Stats {
+    let (cpu0, me0) = (broker.cpu(), proc_cpu(std::process::id()));
+    let start = Instant::now();
+    let end = start + dur;
+    let tasks: Vec<_> = clients
+        .iter()
+        .cloned()
+        .map(|mut c| {
+            tokio::spawn(async move {
+                let mut lat = Vec::with_capacity(1 << 16);
+                let mut errors = 0u64;
+                let mut i = 0usize;
+                while Instant::now() < end {
+                    let t0 = Instant::now();
+                    let ok = match call {
+                        Call::GetVolumeKey => {
+                            let volume_id = c.volumes[i % c.volumes.len()].clone();
+                            i += 1;
+                            let req = pb::GetVolumeKeyRequest {
+                                volume_id,
+                                version: 0,
+                            };
+                            // The key is dropped unread: only its arrival is measured.
+                            c.keys
+                                .get_volume_key(req)
+                                .await
+                                .map(|r| r.into_inner().key.len() == 64)
+                                .unwrap_or(false)
+                        }
+                        Call::HealthCheck => c
+                            .health
+                            .check(HealthCheckRequest {
+                                service: String::new(),
+                            })
+                            .await
+                            .is_ok(),
+                    };
+                    if ok {
+                        lat.push(t0.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                    } else {
+                        errors += 1;
+                    }
+                }
+                (lat, errors)
+            })
+        })
+        .collect();
+    let mut lat_us = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await.expect("client task");
+        lat_us.extend(l);
+        errors += e;
+    }
+    let elapsed = start.elapsed();
+    let broker_cpu = broker.cpu() - cpu0;
+    let client_cpu = proc_cpu(std::process::id()) - me0;
+    lat_us.sort_unstable();
+    Stats {
+        ops: lat_us.len() as u64,
+        errors,
+        elapsed,
+        broker_cpu,
+        client_cpu,
+        lat_us,
+    }
+}
+
+fn connect(dir: &Path, broker: &Broker, n_clients: usize, volumes: usize) -> Vec<BenchClient> {
+    let per_client = volumes.div_ceil(n_clients);
+    (0..n_clients)
+        .map(|i| {
+            let files = tls::TlsFiles {
+                cert: dir.join(format!("pki/node-n{i}.pem")),
+                key: dir.join(format!("pki/node-n{i}.key")),
+                ca: dir.join("pki/ca.pem"),
+            };
+            let cfg = Arc::new(tls::client_config(&files).expect("client TLS"));
+            let deadlines = client::Deadlines {
+                connect: Duration::from_secs(10),
+                request: Duration::from_secs(10),
+            };
+            let ch = client::channel(&broker.addr, cfg, deadlines).expect("channel");
+            BenchClient {
+                keys: KeyBrokerClient::new(ch.clone()),
+                health: HealthClient::new(ch),
+                volumes: Arc::new(
+                    (0..per_client)
+                        .map(|v| format!("bench-n{i}-v{v}"))
+                        .collect(),
+                ),
+            }
+        })
+        .collect()
+}
+
+async fn create_volumes(clients: &[BenchClient]) {
+    let tasks: Vec<_> = clients
+        .iter()
+        .cloned()
+        .map(|mut c| {
+            tokio::spawn(async move {
+                for v in c.volumes.iter() {
+                    c.keys
+                        .create_volume_key(pb::CreateVolumeKeyRequest {
+                            volume_id: v.clone(),
+                            node_id: String::new(),
+                            labels: Default::default(),
+                        })
+                        .await
+                        .unwrap_or_else(|e| panic!("create {v}: {e}"));
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.expect("create task");
+    }
+}
+
+/// The 1-minute load average: the reference machine is shared, so every figure says how
+/// busy it was.
+fn loadavg_1m() -> f64 {
+    fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN)
+}
+
+fn row(name: &str, s: &Stats, cpus: usize) {
+    println!(
+        "  {name:<14} {:>8.0} {:>7.2} {:>7.2} {:>8.2} {:>6} {:>12.1} {:>12.1} {:>9.0}",
+        s.per_sec(),
+        s.pct_ms(0.50),
+        s.pct_ms(0.99),
+        s.pct_ms(1.0),
+        s.errors,
+        s.cpu_us_per_op(),
+        s.client_cpu_us_per_op(),
+        s.cpu_bound_ceiling(cpus)
+    );
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --benches` passes nothing: run either way.
+    let seconds = env_or("NODECRYPT_BENCH_SECONDS", 10);
+    let n_clients = env_or("NODECRYPT_BENCH_CLIENTS", 64) as usize;
+    let n_volumes = env_or("NODECRYPT_BENCH_VOLUMES", 1024) as usize;
+    let dur = Duration::from_secs(seconds);
+
+    tls::install_default_provider();
+    let profile = profile_dir();
+    let bin = profile.join("nodecrypt-keybroker");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (`cargo build --release -p nodecrypt-keybroker`, \
+         which `make bench` runs)",
+        bin.display()
+    );
+    let dir = tempfile::Builder::new()
+        .prefix("nodecrypt-bench")
+        .tempdir()
+        .expect("tempdir");
+    let mut pki = Command::new(&bin);
+    pki.args(["pki", "init", "--dir"])
+        .arg(dir.path().join("pki"))
+        .args(["--trust-domain", TRUST_DOMAIN]);
+    for i in 0..n_clients {
+        pki.arg("--node").arg(format!("n{i}"));
+    }
+    run_ok(&mut pki, Duration::from_secs(60));
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let loadavg = fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "broker bench: {n_clients} mTLS clients (own connection and node identity each), \
+         {n_volumes} volumes, {seconds} s per phase, {cpus} CPUs shared by clients and broker, \
+         load average {}",
+        loadavg
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    let mut runs = Vec::new();
+    let mut goal_met = None;
+    for fsync in [true, false] {
+        let broker = Broker::start(&bin, dir.path(), fsync);
+        let clients = {
+            let _rt = rt.enter(); // lazy channels spawn their connection task on it
+            connect(dir.path(), &broker, n_clients, n_volumes)
+        };
+        let (health, keys) = rt.block_on(async {
+            create_volumes(&clients).await;
+            // Warm-up: connections, handshakes, page cache, allocator.
+            phase(
+                &broker,
+                &clients,
+                Call::GetVolumeKey,
+                Duration::from_secs(1),
+            )
+            .await;
+            let health = phase(&broker, &clients, Call::HealthCheck, dur).await;
+            let keys = phase(&broker, &clients, Call::GetVolumeKey, dur).await;
+            (health, keys)
+        });
+        drop(clients);
+        drop(broker);
+        let ratio = keys.per_sec() / health.per_sec();
+        println!("\naudit_fsync = {fsync}");
+        println!(
+            "  {:<14} {:>8} {:>7} {:>7} {:>8} {:>6} {:>12} {:>12} {:>9}",
+            "call",
+            "per s",
+            "p50 ms",
+            "p99 ms",
+            "max ms",
+            "errors",
+            "broker µs/op",
+            "client µs/op",
+            "ceiling/s"
+        );
+        row("GetVolumeKey", &keys, cpus);
+        row("Health/Check", &health, cpus);
+        println!(
+            "  keys/s ÷ health/s = {ratio:.2}   (1-min load average after the phases: {:.1})",
+            loadavg_1m()
+        );
+        let met = keys.per_sec() >= GOAL_KEYS_PER_SEC
+            && keys.pct_ms(0.99) <= GOAL_P99_MS
+            && keys.errors == 0;
+        if fsync {
+            goal_met = Some(met);
+        }
+        runs.push(json!({
+            "audit_fsync": fsync,
+            "get_volume_key": keys.json(cpus),
+            "health_check": health.json(cpus),
+            "keys_per_health": ratio,
+            "goal_met": met,
+        }));
+    }
+    let report = json!({
+        "bench": "broker",
+        "clients": n_clients,
+        "volumes": n_volumes,
+        "seconds_per_phase": seconds,
+        "cpus": cpus,
+        "loadavg_at_start": loadavg.trim(),
+        "goal": {"keys_per_sec": GOAL_KEYS_PER_SEC, "p99_ms": GOAL_P99_MS,
+                 "met_with_default_config": goal_met},
+        "runs": runs,
+    });
+    let out = profile.parent().expect("target dir").join("bench");
+    fs::create_dir_all(&out).expect("target/bench");
+    let path = out.join("broker.json");
+    fs::write(&path, serde_json::to_string_pretty(&report).unwrap() + "\n")
+        .expect("write broker.json");
+    println!(
+        "\ngoal (≥ {GOAL_KEYS_PER_SEC} keys/s, p99 ≤ {GOAL_P99_MS} ms, default config): {}",
+        if goal_met == Some(true) {
+            "met"
+        } else {
+            "NOT met"
+        }
+    );
+    println!(
+        "ceiling/s: what {cpus} otherwise idle cores would sustain at the measured CPU cost per \
+         call (broker + clients); the measured rate is what other tenants left"
+    );
+    println!("wrote {}", path.display());
+}
