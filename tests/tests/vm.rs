@@ -12,13 +12,15 @@ mod harness;
 mod luks;
 
 use std::fs;
-use std::path::Path;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use harness::{ext4_image, ext4_read_dir, pattern, raw_disk, sha256_hex, Console, Vm};
-use nodecrypt_proto::keybroker::v1::GetVolumeKeyRequest;
-use nodecrypt_tests::{assert_no_key_material, bin, run_ok, Env, TRUST_DOMAIN};
+use nodecrypt_tests::{
+    admin_key, assert_no_key_material, bin, run_ok, AgentOpts, Env, TRUST_DOMAIN,
+};
 
 /// The broker's fixed address inside a guest (its own loopback).
 const GUEST_BROKER: &str = "127.0.0.1:7443";
@@ -111,44 +113,12 @@ fn dump_field<'a>(dump: &'a str, field: &str) -> &'a str {
         .unwrap_or("")
 }
 
-/// The keyslot key of `id`, fetched with the admin identity from a host broker running
-/// on the state the guest left.
-fn slot_keys(env: &Env, state_img: &Path) -> Vec<(String, Vec<u8>)> {
-    let _ = fs::remove_dir_all(env.state());
-    ext4_read_dir(state_img, "/broker-state", env.path());
-    let broker = env.start_broker();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let keys = rt.block_on(async {
-        let mut admin = env.client(&broker, "admin-ops");
-        let mut keys = Vec::new();
-        for (id, _, _) in VOLUMES {
-            let resp = admin
-                .get_volume_key(GetVolumeKeyRequest {
-                    volume_id: id.to_string(),
-                    version: 0,
-                })
-                .await
-                .unwrap_or_else(|e| panic!("the guest's broker state has no key for {id}: {e}"));
-            let key = resp.into_inner();
-            assert_eq!(key.version, 1, "{id}: a fresh volume is at key version 1");
-            keys.push((id.to_string(), key.key));
-        }
-        keys
-    });
-    // Close the client connection first: the broker drains open connections on SIGTERM.
-    drop(rt);
-    broker.stop();
-    keys
-}
-
 /// Must-show 1 and 2: the agent formats two virtio disks (512- and 4096-byte sectors)
 /// and opens them through the guest kernel's dm-crypt; what the guest wrote through
 /// /dev/mapper is decrypted on the host from the raw disk images by the userspace XTS
-/// engine, and what the host encrypted with the engine is read back by the guest through
-/// dm-crypt. The dm tables carry a keyring reference and the no-workqueue flags.
+/// engine, and what the host wrote through the agent's userspace path is read back by
+/// the guest through
+/// dm-crypt (written by the host's agent on its userspace path). The dm tables carry a keyring reference and the no-workqueue flags.
 #[test]
 fn dm_crypt_matches_userspace_engine_both_ways() {
     let vm = Vm::get();
@@ -191,16 +161,16 @@ fn dm_crypt_matches_userspace_engine_both_ways() {
         "close left mappings behind"
     );
 
-    let keys = slot_keys(&env, &state);
+    // On the host: a broker on the state the guest left; the keyslot keys (admin).
+    ext4_read_dir(&state, "/broker-state", tmp);
+    let broker = env.start_broker();
     let mut secrets = Vec::new();
-    let mut volume_keys = Vec::new();
-    for ((id, dev, sector), (kid, slot_key)) in VOLUMES.iter().zip(&keys) {
-        assert_eq!(id, kid);
+    for (id, dev, sector) in VOLUMES {
         let img = tmp.join(format!("{dev}.img"));
         let dump = run_ok(Command::new("cryptsetup").arg("luksDump").arg(&img));
         assert_eq!(
             dump_field(&dump, "Label"),
-            *id,
+            id,
             "{id}: header label:\n{dump}"
         );
         assert_eq!(
@@ -209,8 +179,9 @@ fn dm_crypt_matches_userspace_engine_both_ways() {
             "{id}: header subsystem"
         );
         let seg = luks::segment(&img);
-        assert_eq!(seg.sector_size, *sector, "{id}: data segment sector size");
-        let vk = luks::volume_key(&img, slot_key, tmp);
+        assert_eq!(seg.sector_size, sector, "{id}: data segment sector size");
+        let slot_key = admin_key(&env, &broker, id, 1);
+        let vk = luks::volume_key(&img, &slot_key, tmp);
         let plain = luks::read_plain(&img, seg, &vk, 0, PATTERN_LEN);
         let want = pattern(&format!("guest-{id}"), PATTERN_LEN);
         assert!(
@@ -220,12 +191,47 @@ fn dm_crypt_matches_userspace_engine_both_ways() {
             sha256_hex(&plain),
             sha256_hex(&want)
         );
-        // Host → guest: the engine encrypts a new pattern into the image.
-        let host = pattern(&format!("host-{id}"), PATTERN_LEN);
-        luks::write_plain(&img, seg, &vk, 0, &host);
-        secrets.push(slot_key.clone());
-        volume_keys.push(vk);
+        secrets.push(slot_key);
+        secrets.push(vk);
     }
+
+    // Host → guest: the host's agent opens the images on its userspace path (FUSE +
+    // loop, the XTS engine) and writes a new pattern through the loop device.
+    let images: Vec<PathBuf> = VOLUMES
+        .iter()
+        .map(|(_, dev, _)| tmp.join(format!("{dev}.img")))
+        .collect();
+    let agent = env.start_agent(
+        &broker.addr,
+        &AgentOpts {
+            backend: "userspace".into(),
+            file_devices: images.clone(),
+            ..Default::default()
+        },
+    );
+    for (id, _, _) in VOLUMES {
+        let v = agent
+            .cli(&["--json", "open", "--volume-id", id])
+            .ok()
+            .json();
+        assert_eq!(v["backend"], "userspace", "{v}");
+        let dev = v["mapped_device"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{id}: {v}"));
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .open(dev)
+            .unwrap_or_else(|e| panic!("{id}: open {dev}: {e}"));
+        f.write_all(&pattern(&format!("host-{id}"), PATTERN_LEN))
+            .and_then(|()| f.sync_all())
+            .unwrap_or_else(|e| panic!("{id}: write through {dev}: {e}"));
+        drop(f);
+        agent.cli(&["close", "--volume-id", id]).ok();
+    }
+    let host_logs = agent.logs();
+    drop(agent);
+    broker.stop();
+    assert_no_key_material("host agent log", &host_logs, &secrets);
 
     let boot2 = vm.run_scenario(tmp, "dmcrypt-read", &disks, SCENARIO_LIMIT);
     for (id, _, _) in VOLUMES {
@@ -237,7 +243,6 @@ fn dm_crypt_matches_userspace_engine_both_ways() {
     }
 
     // No key byte in anything the guests printed or logged.
-    secrets.extend(volume_keys);
     let logs = tmp.join("guest-logs");
     ext4_read_dir(&state, "/logs", &logs);
     for console in [&boot1, &boot2] {

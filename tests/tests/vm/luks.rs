@@ -108,19 +108,3 @@ pub fn read_plain(img: &Path, seg: Segment, key: &[u8], pos: u64, len: usize) ->
         .expect("decrypt");
     buf
 }
-
-/// Encrypts `plain` with the engine and writes it at `pos` of the data segment.
-pub fn write_plain(img: &Path, seg: Segment, key: &[u8], pos: u64, plain: &[u8]) {
-    let mut buf = plain.to_vec();
-    Engine::new(key, seg.sector_size)
-        .expect("engine")
-        .encrypt(&mut buf, pos)
-        .expect("encrypt");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .open(img)
-        .expect("open image");
-    f.seek(SeekFrom::Start(seg.offset + pos)).expect("seek");
-    f.write_all(&buf).expect("write data segment");
-    f.sync_all().expect("sync image");
-}
