@@ -70,6 +70,12 @@ fn ext4_round_trip_open_twice_and_close_in_use() {
     let dev = v["mapped_device"].as_str().unwrap().to_string();
     assert!(dev.starts_with("/dev/loop"), "{v}");
     assert!(v["mapped_file"].as_str().unwrap().ends_with("/disk"), "{v}");
+    // Erase refuses an open volume and changes nothing.
+    let before = file_hash(&img);
+    let out = agent.cli(&["erase", "--volume-id", "vol-u", "--yes"]);
+    assert_eq!(out.code, 3, "{out:?}");
+    assert!(out.stderr.contains("is open"), "{out:?}");
+    assert_eq!(file_hash(&img), before);
     // Open twice: the same single mapping.
     let again = open(&agent, "vol-u");
     assert_eq!(again["mapped_device"], v["mapped_device"]);

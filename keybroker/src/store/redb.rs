@@ -3,7 +3,13 @@
 //! Each record is a JSON document in table `volumes` with its revision in `revisions`;
 //! put is a compare-and-swap inside one write transaction (redb serialises writers), so
 //! concurrent creates of one volume produce exactly one record.
+//!
+//! Reads are served from an in-memory cache of decoded records (wrapped keys only, never
+//! plaintext) that every committed put updates: redb locks the file to one process, so
+//! this process sees every write. A key fetch then costs no blocking-pool hop, no read
+//! transaction and no JSON decode.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
@@ -23,6 +29,7 @@ pub struct RedbStore {
     // The write lock is taken only to compact the file (scrub); every transaction holds a
     // read lock, so compaction never races a transaction.
     db: Arc<RwLock<Database>>,
+    cache: RwLock<HashMap<String, (Revision, VolumeRecord)>>,
 }
 
 fn backend<E: std::fmt::Display>(e: E) -> StoreError {
@@ -43,6 +50,7 @@ impl RedbStore {
         w.commit().map_err(backend)?;
         Ok(Self {
             db: Arc::new(RwLock::new(db)),
+            cache: RwLock::new(HashMap::new()),
         })
     }
 
@@ -60,6 +68,25 @@ impl RedbStore {
     }
 }
 
+impl RedbStore {
+    fn cached(&self, volume_id: &str) -> Option<(Revision, VolumeRecord)> {
+        let cache = self.cache.read().unwrap_or_else(|p| p.into_inner());
+        cache.get(volume_id).cloned()
+    }
+
+    /// Caches a committed record unless a newer revision is already cached (two puts
+    /// can finish in either order).
+    fn remember(&self, rev: Revision, record: &VolumeRecord) {
+        let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
+        match cache.get(&record.volume_id) {
+            Some((cached, _)) if *cached >= rev => {}
+            _ => {
+                cache.insert(record.volume_id.clone(), (rev, record.clone()));
+            }
+        }
+    }
+}
+
 fn decode(volume_id: &str, bytes: &[u8]) -> Result<VolumeRecord, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
         volume_id: volume_id.to_string(),
@@ -70,21 +97,29 @@ fn decode(volume_id: &str, bytes: &[u8]) -> Result<VolumeRecord, StoreError> {
 #[async_trait::async_trait]
 impl KeyStore for RedbStore {
     async fn get(&self, volume_id: &str) -> Result<Option<(Revision, VolumeRecord)>, StoreError> {
+        if let Some(hit) = self.cached(volume_id) {
+            return Ok(Some(hit));
+        }
         let id = volume_id.to_string();
-        self.blocking(move |db| {
-            let r = db.begin_read().map_err(backend)?;
-            let vols = r.open_table(VOLUMES).map_err(backend)?;
-            let revs = r.open_table(REVISIONS).map_err(backend)?;
-            let Some(bytes) = vols.get(id.as_str()).map_err(backend)? else {
-                return Ok(None);
-            };
-            let rev = revs
-                .get(id.as_str())
-                .map_err(backend)?
-                .map_or(0, |g| g.value());
-            Ok(Some((rev, decode(&id, bytes.value())?)))
-        })
-        .await
+        let found = self
+            .blocking(move |db| {
+                let r = db.begin_read().map_err(backend)?;
+                let vols = r.open_table(VOLUMES).map_err(backend)?;
+                let revs = r.open_table(REVISIONS).map_err(backend)?;
+                let Some(bytes) = vols.get(id.as_str()).map_err(backend)? else {
+                    return Ok(None);
+                };
+                let rev = revs
+                    .get(id.as_str())
+                    .map_err(backend)?
+                    .map_or(0, |g| g.value());
+                Ok(Some((rev, decode(&id, bytes.value())?)))
+            })
+            .await?;
+        if let Some((rev, rec)) = &found {
+            self.remember(*rev, rec);
+        }
+        Ok(found)
     }
 
     async fn put(
@@ -94,30 +129,33 @@ impl KeyStore for RedbStore {
     ) -> Result<Revision, StoreError> {
         let bytes = serde_json::to_vec(record).map_err(backend)?;
         let id = record.volume_id.clone();
-        self.blocking(move |db| {
-            let w = db.begin_write().map_err(backend)?;
-            let new_rev;
-            {
-                let mut vols = w.open_table(VOLUMES).map_err(backend)?;
-                let mut revs = w.open_table(REVISIONS).map_err(backend)?;
-                let exists = vols.get(id.as_str()).map_err(backend)?.is_some();
-                let current = revs.get(id.as_str()).map_err(backend)?.map(|g| g.value());
-                let matches = match expected {
-                    None => !exists,
-                    Some(e) => exists && current == Some(e),
-                };
-                if !matches {
-                    return Err(StoreError::Conflict(id));
+        let new_rev = self
+            .blocking(move |db| {
+                let w = db.begin_write().map_err(backend)?;
+                let new_rev;
+                {
+                    let mut vols = w.open_table(VOLUMES).map_err(backend)?;
+                    let mut revs = w.open_table(REVISIONS).map_err(backend)?;
+                    let exists = vols.get(id.as_str()).map_err(backend)?.is_some();
+                    let current = revs.get(id.as_str()).map_err(backend)?.map(|g| g.value());
+                    let matches = match expected {
+                        None => !exists,
+                        Some(e) => exists && current == Some(e),
+                    };
+                    if !matches {
+                        return Err(StoreError::Conflict(id));
+                    }
+                    new_rev = current.unwrap_or(0) + 1;
+                    vols.insert(id.as_str(), bytes.as_slice())
+                        .map_err(backend)?;
+                    revs.insert(id.as_str(), new_rev).map_err(backend)?;
                 }
-                new_rev = current.unwrap_or(0) + 1;
-                vols.insert(id.as_str(), bytes.as_slice())
-                    .map_err(backend)?;
-                revs.insert(id.as_str(), new_rev).map_err(backend)?;
-            }
-            w.commit().map_err(backend)?;
-            Ok(new_rev)
-        })
-        .await
+                w.commit().map_err(backend)?;
+                Ok(new_rev)
+            })
+            .await?;
+        self.remember(new_rev, record);
+        Ok(new_rev)
     }
 
     async fn list(&self) -> Result<Vec<VolumeRecord>, StoreError> {
@@ -178,5 +216,42 @@ impl KeyStore for RedbStore {
         })
         .await
         .map_err(backend)?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(node: &str) -> VolumeRecord {
+        VolumeRecord {
+            volume_id: "vol-c".into(),
+            node_id: node.into(),
+            versions: Vec::new(),
+            labels: Default::default(),
+            created_at: "2026-01-01T00:00:00Z".into(),
+            destroyed_at: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_read_cache_follows_every_commit_and_never_goes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(&dir.path().join(STORE_FILE)).unwrap();
+        assert!(store.get("vol-c").await.unwrap().is_none());
+        let r1 = store.put(&rec("n1"), None).await.unwrap();
+        assert_eq!(store.get("vol-c").await.unwrap().unwrap(), (r1, rec("n1")));
+        let r2 = store.put(&rec("n2"), Some(r1)).await.unwrap();
+        assert_eq!(store.get("vol-c").await.unwrap().unwrap(), (r2, rec("n2")));
+        // A put that finishes late with an older revision does not overwrite the cache.
+        store.remember(r1, &rec("n1"));
+        assert_eq!(store.get("vol-c").await.unwrap().unwrap().1.node_id, "n2");
+        // A stale CAS is refused and leaves the cache alone.
+        assert!(store.put(&rec("n3"), Some(r1)).await.is_err());
+        assert_eq!(store.get("vol-c").await.unwrap().unwrap().1.node_id, "n2");
+        // A fresh store on the same file (a restart) reads what was committed.
+        drop(store);
+        let store = RedbStore::open(&dir.path().join(STORE_FILE)).unwrap();
+        assert_eq!(store.get("vol-c").await.unwrap().unwrap(), (r2, rec("n2")));
     }
 }
