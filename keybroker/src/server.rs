@@ -138,25 +138,40 @@ impl Bound {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|e| ServeError::Io(e.to_string()))?;
+        let (drain_tx, mut drain_rx) = tokio::sync::watch::channel(false);
         let signal = async move {
             shutdown.await;
             info!("shutting down: NOT_SERVING, draining in-flight calls");
             health.set_not_serving::<KeyBrokerServer<Broker>>().await;
+            let _ = drain_tx.send(true);
         };
-        let result = Server::builder()
+        let serve = Server::builder()
             .timeout(Duration::from_millis(cfg.request_timeout_ms))
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(KeyBrokerServer::new(broker))
-            .serve_with_incoming_shutdown(incoming, signal)
-            .await
-            .map_err(|e| ServeError::Io(e.to_string()));
+            .serve_with_incoming_shutdown(incoming, signal);
+        // In-flight calls get DRAIN_LIMIT to finish; idle client connections that never
+        // hang up do not hold the shutdown any longer than that.
+        let result = tokio::select! {
+            r = serve => r.map_err(|e| ServeError::Io(e.to_string())),
+            _ = async {
+                let _ = drain_rx.wait_for(|d| *d).await;
+                tokio::time::sleep(DRAIN_LIMIT).await;
+            } => {
+                tracing::warn!(limit = ?DRAIN_LIMIT, "drain limit reached; closing remaining connections");
+                Ok(())
+            }
+        };
         accept_loop.abort();
         result
     }
 }
+
+/// How long a graceful stop waits for in-flight calls and open connections.
+pub const DRAIN_LIMIT: Duration = Duration::from_secs(5);
 
 /// Checks state, binds the listener; serve with [`Bound::serve`].
 pub async fn bind(cfg: Config) -> Result<Bound, ServeError> {

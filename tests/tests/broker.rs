@@ -760,3 +760,22 @@ async fn bad_input_is_invalid_argument_and_the_broker_keeps_serving() {
 mod tonic_prost_codec {
     pub type Codec<T, U> = tonic_prost::ProstCodec<T, U>;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_the_broker_promptly_with_a_client_connected() {
+    let env = Env::new();
+    let broker = env.start_broker();
+    let mut n1 = env.client(&broker, "node-n1");
+    n1.create_volume_key(create("vol-idle")).await.unwrap();
+    // The client keeps its HTTP/2 connection open and idle while the broker stops.
+    let started = std::time::Instant::now();
+    tokio::task::spawn_blocking(move || broker.stop())
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert!(
+        took < nodecrypt_keybroker::server::DRAIN_LIMIT + std::time::Duration::from_secs(3),
+        "stop took {took:?}"
+    );
+    drop(n1);
+}
