@@ -14,6 +14,7 @@ use tracing::{info, warn};
 use crate::broker::{Broker, BrokerError};
 use crate::config::{BackendChoice, Config};
 use crate::device::{self, Device, DeviceError, DeviceLock, Kind};
+use crate::key::SlotKey;
 use crate::luks::{self, Header, LuksError, Token};
 use crate::mapping::{self, Mapped, MappingError};
 
@@ -681,35 +682,34 @@ impl Agent {
             .broker
             .get(&req.volume_id, old.key_version, deadline)
             .await?;
-        let (new_key, new_version) = if info.current_version > old.key_version {
+        // `None`: the token already names the current version; only cleanup is left, and
+        // the key already fetched is the one to keep.
+        let fresh: Option<(SlotKey, u64)> = if info.current_version > old.key_version {
             let (k, v, _) = self
                 .broker
                 .get(&req.volume_id, info.current_version, deadline)
                 .await?;
-            (k, v)
+            Some((k, v))
         } else if pending {
-            // Token already moved; only cleanup is left.
-            let (k, v, _) = self
-                .broker
-                .get(&req.volume_id, old.key_version, deadline)
-                .await?;
-            (k, v)
+            None
         } else {
             let r = self
                 .broker
                 .rotate(&req.volume_id, old.key_version, deadline)
                 .await?;
             crash_point("rotate-after-broker-rotate");
-            r
+            Some(r)
         };
+        let new_version = fresh.as_ref().map_or(old.key_version, |(_, v)| *v);
         let d = f.device.clone();
         let broker_ep = self.broker.endpoint().to_string();
         let vid = req.volume_id.clone();
         let header = blocking(move || {
-            let slot = match luks::check_key(&d.path, None, &new_key) {
+            let new_key = fresh.as_ref().map_or(&old_key, |(k, _)| k);
+            let slot = match luks::check_key(&d.path, None, new_key) {
                 Ok(slot) => slot,
                 Err(LuksError::WrongKey { .. }) => {
-                    let slot = luks::add_keyslot(&d.path, &old_key, &new_key)?;
+                    let slot = luks::add_keyslot(&d.path, &old_key, new_key)?;
                     crash_point("rotate-after-add-keyslot");
                     slot
                 }
@@ -723,7 +723,7 @@ impl Agent {
             };
             luks::set_token(&d.path, Some(token_id), &token)?;
             crash_point("rotate-after-token");
-            luks::check_key(&d.path, Some(slot), &new_key)?;
+            luks::check_key(&d.path, Some(slot), new_key)?;
             let h = luks::read_header(&d.path, d.size)?;
             for other in h.keyslots.iter().copied().filter(|&s| s != slot) {
                 luks::destroy_keyslot(&d.path, other)?;
