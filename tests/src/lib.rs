@@ -564,3 +564,21 @@ pub fn admin_key(env: &Env, broker: &Broker, volume_id: &str, version: u64) -> V
         .key
     })
 }
+
+/// Whether the real `cryptsetup open --test-passphrase` accepts `key` for `dev` (the key
+/// goes through a 0600 file in the test's own directory, removed at once).
+pub fn cryptsetup_opens(env: &Env, dev: &Path, key: &[u8]) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let kf = env.path().join("keyfile");
+    fs::write(&kf, key).expect("write key file");
+    fs::set_permissions(&kf, fs::Permissions::from_mode(0o600)).expect("chmod key file");
+    let ok = Command::new("cryptsetup")
+        .args(["open", "--test-passphrase", "--key-file"])
+        .arg(&kf)
+        .arg(dev)
+        .status()
+        .expect("run cryptsetup")
+        .success();
+    fs::remove_file(&kf).expect("remove key file");
+    ok
+}

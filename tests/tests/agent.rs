@@ -30,22 +30,6 @@ fn luks_json(dev: &Path) -> serde_json::Value {
     serde_json::from_str(&out).expect("luksDump JSON")
 }
 
-/// `cryptsetup open --test-passphrase` with `key` in a 0600 file of the test's own dir.
-fn cryptsetup_accepts(env: &Env, dev: &Path, key: &[u8]) -> bool {
-    let kf = env.path().join("keyfile");
-    fs::write(&kf, key).unwrap();
-    fs::set_permissions(&kf, fs::Permissions::from_mode(0o600)).unwrap();
-    let ok = Command::new("cryptsetup")
-        .args(["open", "--test-passphrase", "--key-file"])
-        .arg(&kf)
-        .arg(dev)
-        .status()
-        .unwrap()
-        .success();
-    fs::remove_file(&kf).unwrap();
-    ok
-}
-
 fn no_keys_in_logs(env: &Env, broker: &Broker, agent: &Agent, keys: &[Vec<u8>]) {
     assert_no_key_material("agent log", &agent.logs(), keys);
     assert_no_key_material("broker log", &fs::read(&broker.log).unwrap(), keys);
@@ -57,7 +41,7 @@ fn no_keys_in_logs(env: &Env, broker: &Broker, agent: &Agent, keys: &[Vec<u8>]) 
 }
 
 #[test]
-fn format_file_and_loop_volumes_that_cryptsetup_accepts() {
+fn format_file_and_loop_volumes_that_cryptsetup_opens() {
     let env = Env::new();
     let broker = env.start_broker();
     let agent = env.start_agent(&broker.addr, &AgentOpts::default());
@@ -124,13 +108,13 @@ fn format_file_and_loop_volumes_that_cryptsetup_accepts() {
         let key = admin_key(&env, &broker, id, 0);
         assert_eq!(key.len(), 64);
         assert!(
-            cryptsetup_accepts(&env, &dev, &key),
+            cryptsetup_opens(&env, &dev, &key),
             "{id}: broker key refused"
         );
         let mut wrong = key.clone();
         wrong[0] ^= 1;
         assert!(
-            !cryptsetup_accepts(&env, &dev, &wrong),
+            !cryptsetup_opens(&env, &dev, &wrong),
             "{id}: wrong key accepted"
         );
         keys.push(key);

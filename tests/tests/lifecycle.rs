@@ -4,7 +4,6 @@
 //! (`nodecrypt-agent-failpoints`, built by `make test`).
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -31,21 +30,6 @@ fn luks_json(dev: &Path) -> Option<serde_json::Value> {
     out.status
         .success()
         .then(|| serde_json::from_slice(&out.stdout).expect("luksDump JSON"))
-}
-
-fn opens_with(env: &Env, dev: &Path, key: &[u8]) -> bool {
-    let kf = env.path().join("keyfile");
-    fs::write(&kf, key).unwrap();
-    fs::set_permissions(&kf, fs::Permissions::from_mode(0o600)).unwrap();
-    let ok = Command::new("cryptsetup")
-        .args(["open", "--test-passphrase", "--key-file"])
-        .arg(&kf)
-        .arg(dev)
-        .status()
-        .unwrap()
-        .success();
-    fs::remove_file(&kf).unwrap();
-    ok
 }
 
 fn admin(env: &Env, broker: &Broker, args: &[&str]) -> CliOut {
@@ -127,7 +111,7 @@ fn a_crash_at_every_step_then_a_rerun_completes() {
         assert_eq!(info["current_version"], 1, "{point}: {info}");
         assert_eq!(active_versions(&info), vec![1], "{point}: {info}");
         assert!(
-            opens_with(&env, &img, &admin_key(&env, &broker, &id, 1)),
+            cryptsetup_opens(&env, &img, &admin_key(&env, &broker, &id, 1)),
             "{point}"
         );
     }
@@ -187,11 +171,11 @@ fn a_crash_at_every_step_then_a_rerun_completes() {
             "{point}: orphaned version: {info}"
         );
         assert!(
-            opens_with(&env, &img, &admin_key(&env, &broker, &id, 2)),
+            cryptsetup_opens(&env, &img, &admin_key(&env, &broker, &id, 2)),
             "{point}"
         );
         assert!(
-            !opens_with(&env, &img, &key1),
+            !cryptsetup_opens(&env, &img, &key1),
             "{point}: old key still opens"
         );
         let mut back = vec![0u8; data.len()];
@@ -238,7 +222,7 @@ fn a_crash_at_every_step_then_a_rerun_completes() {
             .unwrap_or(false);
         assert!(!usable, "{point}: a usable keyslot survived");
         assert!(
-            !opens_with(&env, &img, &key),
+            !cryptsetup_opens(&env, &img, &key),
             "{point}: captured key still opens"
         );
         let info = describe(&env, &broker, &id);
@@ -270,7 +254,7 @@ fn erase_destroys_everything_and_remote_erase_kills_a_copied_disk() {
     let out = agent.cli(&["erase", "--volume-id", "vol-a"]);
     assert_eq!(out.code, 2, "erase without --yes: {out:?}");
     assert!(
-        opens_with(&env, &img, &key),
+        cryptsetup_opens(&env, &img, &key),
         "refused erase changed the disk"
     );
     let v = agent
@@ -279,7 +263,7 @@ fn erase_destroys_everything_and_remote_erase_kills_a_copied_disk() {
         .json();
     assert_eq!(v["state"], "erased");
     assert!(luks_json(&img).is_none(), "header survived the erase");
-    assert!(!opens_with(&env, &img, &key));
+    assert!(!cryptsetup_opens(&env, &img, &key));
     let out = agent.cli(&["open", "--volume-id", "vol-a"]);
     assert_eq!(out.code, 4, "{out:?}");
     // Erasing again is success.
