@@ -8,14 +8,16 @@ use std::io::{Read, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use aes_gcm::aead::{Aead, KeyInit, Payload};
-use aes_gcm::{Aes256Gcm, Nonce};
+use aes_gcm::aead::{Aead, AeadInOut, KeyInit, Payload};
+use aes_gcm::{Aes256Gcm, Nonce, Tag};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 /// Length of a volume key in bytes (a LUKS2 keyslot key for aes-xts-plain64).
 pub const VOLUME_KEY_LEN: usize = 64;
+/// Length of the AES-GCM tag that follows a wrapped key's ciphertext.
+const TAG_LEN: usize = 16;
 /// The KEK file name inside the state directory.
 pub const KEK_FILE: &str = "kek";
 
@@ -218,26 +220,26 @@ impl Kek {
             volume_id: volume_id.into(),
             version,
         };
-        let nonce = hex::decode(&w.nonce).map_err(|_| bad())?;
-        let ct = hex::decode(&w.ciphertext).map_err(|_| bad())?;
-        let nonce: [u8; 12] = nonce.as_slice().try_into().map_err(|_| bad())?;
-        let aad = aad(volume_id, version);
-        let pt = Zeroizing::new(
-            self.cipher
-                .decrypt(
-                    &Nonce::from(nonce),
-                    Payload {
-                        msg: &ct,
-                        aad: &aad,
-                    },
-                )
-                .map_err(|_| bad())?,
-        );
+        let mut nonce = [0u8; 12];
+        hex::decode_to_slice(&w.nonce, &mut nonce).map_err(|_| bad())?;
+        // Ciphertext and tag: decrypted in place into the zeroizing key, no heap copy.
         let mut k = Zeroizing::new([0u8; VOLUME_KEY_LEN]);
-        if pt.len() != VOLUME_KEY_LEN {
+        let mut tag = [0u8; TAG_LEN];
+        let ct = w.ciphertext.as_bytes();
+        if ct.len() != 2 * (VOLUME_KEY_LEN + TAG_LEN) {
             return Err(bad());
         }
-        k.copy_from_slice(&pt);
+        let (ct_key, ct_tag) = ct.split_at(2 * VOLUME_KEY_LEN);
+        hex::decode_to_slice(ct_key, &mut k[..]).map_err(|_| bad())?;
+        hex::decode_to_slice(ct_tag, &mut tag).map_err(|_| bad())?;
+        self.cipher
+            .decrypt_inout_detached(
+                &Nonce::from(nonce),
+                &aad(volume_id, version),
+                (&mut k[..]).into(),
+                &Tag::from(tag),
+            )
+            .map_err(|_| bad())?;
         Ok(VolumeKey(k))
     }
 }
@@ -271,6 +273,32 @@ mod tests {
             kek.unwrap("vol-a", 1, &t),
             Err(WrapError::Unwrap { .. })
         ));
+        // A flipped bit in the tag, a truncated or non-hex ciphertext, a bad nonce: refused.
+        let mut ct = hex::decode(&w.ciphertext).unwrap();
+        ct[VOLUME_KEY_LEN + 3] ^= 0x80;
+        for t in [
+            WrappedKey {
+                ciphertext: hex::encode(ct),
+                ..w.clone()
+            },
+            WrappedKey {
+                ciphertext: w.ciphertext[..w.ciphertext.len() - 2].into(),
+                ..w.clone()
+            },
+            WrappedKey {
+                ciphertext: w.ciphertext.replacen(&w.ciphertext[..1], "g", 1),
+                ..w.clone()
+            },
+            WrappedKey {
+                nonce: "00".into(),
+                ..w.clone()
+            },
+        ] {
+            assert!(matches!(
+                kek.unwrap("vol-a", 1, &t),
+                Err(WrapError::Unwrap { .. })
+            ));
+        }
         // Another KEK: refused by id.
         let other = Kek::create(&dir.path().join("other")).unwrap();
         assert!(matches!(

@@ -9,11 +9,13 @@ use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::sync::OnceLock;
 
+use std::any::Any;
+
 use bytes::{Buf, Bytes};
 use prost::Message;
-use tonic::codec::{Codec, DecodeBuf, Decoder};
+use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::Status;
-use tonic_prost::ProstEncoder;
+use zeroize::Zeroize;
 
 /// Field number → the full name of its message type (for nested checks), per message.
 type Schema = HashMap<String, HashMap<u32, Option<String>>>;
@@ -102,7 +104,17 @@ fn check(type_name: &str, mut buf: &[u8], depth: u32) -> Result<(), Status> {
     Ok(())
 }
 
-/// prost's codec with unknown-field rejection on decode.
+/// Wipes the key bytes of a message that carries them, once they are encoded or taken.
+/// Every message type of the contracts passes through here; only `VolumeKey` has any.
+pub fn scrub<T: Any>(msg: &mut T) {
+    let any: &mut dyn Any = msg;
+    if let Some(k) = any.downcast_mut::<crate::keybroker::v1::VolumeKey>() {
+        k.key.zeroize();
+    }
+}
+
+/// prost's codec with unknown-field rejection on decode, and key bytes wiped from a
+/// message as soon as it is encoded.
 #[derive(Debug, Clone)]
 pub struct StrictCodec<T, U> {
     _pd: PhantomData<(T, U)>,
@@ -121,15 +133,35 @@ where
 {
     type Encode = T;
     type Decode = U;
-    type Encoder = ProstEncoder<T>;
+    type Encoder = ScrubbingEncoder<T>;
     type Decoder = StrictDecoder<U>;
 
     fn encoder(&mut self) -> Self::Encoder {
-        ProstEncoder::default()
+        ScrubbingEncoder { _pd: PhantomData }
     }
 
     fn decoder(&mut self) -> Self::Decoder {
         StrictDecoder { _pd: PhantomData }
+    }
+}
+
+/// Encoder half of [`StrictCodec`]: prost's encoding, then [`scrub`] of the message (the
+/// copy in the outgoing frame is tonic's, beyond reach).
+#[derive(Debug, Clone)]
+pub struct ScrubbingEncoder<T> {
+    _pd: PhantomData<T>,
+}
+
+impl<T: Message + 'static> Encoder for ScrubbingEncoder<T> {
+    type Item = T;
+    type Error = Status;
+
+    fn encode(&mut self, mut item: T, buf: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        let result = item
+            .encode(buf)
+            .map_err(|e| Status::internal(format!("encoding a response: {e}")));
+        scrub(&mut item);
+        result
     }
 }
 
@@ -144,11 +176,22 @@ impl<U: Message + prost::Name + Default> Decoder for StrictDecoder<U> {
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
+        let malformed = |e: prost::DecodeError| {
+            Status::invalid_argument(format!("malformed {}: {e}", U::full_name()))
+        };
+        // tonic hands over one contiguous frame: check and decode it in place, without a
+        // copy (one copy fewer of any key bytes it carries).
+        if buf.chunk().len() == buf.remaining() {
+            check(&U::full_name(), buf.chunk(), 0)?;
+            return U::decode(buf).map(Some).map_err(malformed);
+        }
         let bytes: Bytes = buf.copy_to_bytes(buf.remaining());
         check(&U::full_name(), &bytes, 0)?;
-        U::decode(bytes)
-            .map(Some)
-            .map_err(|e| Status::invalid_argument(format!("malformed {}: {e}", U::full_name())))
+        let decoded = U::decode(bytes.clone()).map(Some).map_err(malformed);
+        if let Ok(mut copy) = bytes.try_into_mut() {
+            copy[..].zeroize();
+        }
+        decoded
     }
 }
 
@@ -202,6 +245,26 @@ mod tests {
             "{}",
             err.message()
         );
+    }
+
+    #[test]
+    fn scrub_wipes_key_bytes_and_nothing_else() {
+        let mut k = crate::keybroker::v1::VolumeKey {
+            volume_id: "vol-a".into(),
+            version: 2,
+            key: vec![0x5A; 64],
+            current_version: 2,
+        };
+        scrub(&mut k);
+        assert!(k.key.is_empty(), "key bytes left after scrub");
+        assert_eq!((k.volume_id.as_str(), k.version), ("vol-a", 2));
+        let mut req = GetVolumeKeyRequest {
+            volume_id: "vol-a".into(),
+            version: 3,
+        };
+        scrub(&mut req);
+        assert_eq!(req.version, 3);
+        assert_eq!(req.volume_id, "vol-a");
     }
 
     #[test]
