@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use nodecrypt_keybroker::identity;
+use nodecrypt_keybroker::tls::Peer;
 use nodecrypt_proto::agent::v1 as pb;
 use pb::agent_server::Agent as AgentRpc;
 use tonic::transport::server::UdsConnectInfo;
@@ -18,11 +18,9 @@ use crate::volume::{Agent, VolumeError};
 pub enum Gate {
     /// Unix socket: the peer's uid must be 0.
     RootPeer,
-    /// mTLS: the client certificate must carry an admin SPIFFE id of this trust domain.
-    Admin {
-        /// The trust domain.
-        trust_domain: String,
-    },
+    /// mTLS: the client certificate must carry an admin SPIFFE id of the trust domain the
+    /// listener was set up with ([`nodecrypt_keybroker::tls::incoming`]).
+    Admin,
 }
 
 impl Gate {
@@ -43,22 +41,20 @@ impl Gate {
                 }
                 Ok(format!("uid 0 pid {}", cred.pid().unwrap_or(0)))
             }
-            Gate::Admin { trust_domain } => {
-                let certs = req
-                    .peer_certs()
+            Gate::Admin => {
+                let peer = req
+                    .extensions()
+                    .get::<Peer>()
                     .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
-                let leaf = certs
-                    .first()
-                    .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
-                let id = identity::from_cert_der(leaf, trust_domain)
+                let (id, spiffe) = peer
+                    .identity()
                     .map_err(|e| Status::permission_denied(e.to_string()))?;
                 if !id.is_admin() {
                     return Err(Status::permission_denied(format!(
-                        "{} is not an admin identity: the agent's TCP API is for the cluster manager only",
-                        id.spiffe_id(trust_domain)
+                        "{spiffe} is not an admin identity: the agent's TCP API is for the cluster manager only"
                     )));
                 }
-                Ok(id.spiffe_id(trust_domain))
+                Ok(spiffe.to_string())
             }
         }
     }

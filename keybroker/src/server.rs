@@ -129,7 +129,8 @@ impl Bound {
             tls,
         } = self;
         let handshake = Duration::from_millis(cfg.handshake_timeout_ms);
-        let (incoming, accept_loop) = tls::incoming(listener, tls, handshake);
+        let (incoming, accept_loop) =
+            tls::incoming(listener, tls, handshake, cfg.trust_domain.clone());
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<KeyBrokerServer<Broker>>().await;
@@ -181,7 +182,7 @@ pub async fn bind(cfg: Config) -> Result<Bound, ServeError> {
     let listener = TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| ServeError::Io(format!("cannot listen on {}: {e}", cfg.listen)))?;
-    let broker = Broker::new(store, kek.clone(), audit, cfg.trust_domain.clone());
+    let broker = Broker::new(store, kek.clone(), audit);
     info!(listen = %listener.local_addr().map_err(|e| ServeError::Io(e.to_string()))?, kek_id = kek.id(), "key broker ready");
     Ok(Bound {
         listener,

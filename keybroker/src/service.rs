@@ -12,8 +12,9 @@ use tracing::{info, warn, Instrument};
 
 use crate::audit::{AuditEvent, AuditLog};
 use crate::authz::{self, Action};
-use crate::identity::{self, Identity};
+use crate::identity::{Identity, IdentityError};
 use crate::store::{KeyState, KeyStore, KeyVersion, Revision, StoreError, VolumeRecord};
+use crate::tls::Peer;
 use crate::validate;
 use crate::wrap::{Kek, VolumeKey, WrapError};
 
@@ -25,7 +26,6 @@ pub struct Broker {
     store: Arc<dyn KeyStore>,
     kek: Arc<Kek>,
     audit: AuditLog,
-    trust_domain: String,
 }
 
 /// The authenticated caller of one request.
@@ -139,36 +139,27 @@ pub fn volume_info(rec: &VolumeRecord, kek_id: &str) -> pb::VolumeInfo {
 }
 
 impl Broker {
-    /// A service over `store`, wrapping with `kek`, auditing to `audit`, accepting
-    /// identities of `trust_domain`.
-    pub fn new(
-        store: Arc<dyn KeyStore>,
-        kek: Arc<Kek>,
-        audit: AuditLog,
-        trust_domain: String,
-    ) -> Self {
-        Self {
-            store,
-            kek,
-            audit,
-            trust_domain,
-        }
+    /// A service over `store`, wrapping with `kek`, auditing to `audit`. Callers are
+    /// identified by the [`Peer`] their connection established
+    /// ([`crate::tls::incoming`] decides the trust domain).
+    pub fn new(store: Arc<dyn KeyStore>, kek: Arc<Kek>, audit: AuditLog) -> Self {
+        Self { store, kek, audit }
     }
 
+    /// The caller, from the identity its connection established at the TLS handshake.
     fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
-        let addr = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
-        let certs = req
-            .peer_certs()
+        let peer = req
+            .extensions()
+            .get::<Peer>()
             .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
-        let leaf = certs
-            .first()
-            .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
-        let identity = identity::from_cert_der(leaf, &self.trust_domain)
-            .map_err(|e| Status::permission_denied(e.to_string()))?;
+        let (identity, spiffe) = peer.identity().map_err(|e| match e {
+            IdentityError::NoCertificate => Status::unauthenticated(e.to_string()),
+            _ => Status::permission_denied(e.to_string()),
+        })?;
         Ok(Caller {
-            spiffe: identity.spiffe_id(&self.trust_domain),
-            identity,
-            addr,
+            identity: identity.clone(),
+            spiffe: spiffe.to_string(),
+            addr: peer.addr().to_string(),
         })
     }
 

@@ -1,16 +1,23 @@
 //! rustls configurations shared by the broker, the agent and their clients: TLS 1.3 only,
 //! the `ring` provider only, client certificates required by every server.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
+use tonic::transport::server::Connected;
+
+use crate::identity::{self, Identity, IdentityError};
 
 /// A TLS setup problem, naming the file at fault.
 #[derive(Debug, thiserror::Error)]
@@ -113,23 +120,124 @@ pub fn client_config(files: &TlsFiles) -> Result<ClientConfig, TlsError> {
     Ok(cfg)
 }
 
+/// Who is on the other end of an accepted connection, established once at its TLS
+/// handshake: every request of the connection shares it (an `Arc`), so no call parses a
+/// certificate again. tonic puts it in each request's extensions.
+#[derive(Clone, Debug)]
+pub struct Peer(Arc<PeerInner>);
+
+#[derive(Debug)]
+struct PeerInner {
+    addr: String,
+    identity: Result<(Identity, String), IdentityError>,
+}
+
+impl Peer {
+    /// The peer of a connection from `addr` that presented the certificate chain `certs`,
+    /// under `trust_domain`.
+    pub fn new(addr: SocketAddr, certs: Option<&[CertificateDer<'_>]>, trust_domain: &str) -> Self {
+        let identity = certs
+            .and_then(|c| c.first())
+            .ok_or(IdentityError::NoCertificate)
+            .and_then(|leaf| identity::from_cert_der(leaf, trust_domain))
+            .map(|id| {
+                let spiffe = id.spiffe_id(trust_domain);
+                (id, spiffe)
+            });
+        Self(Arc::new(PeerInner {
+            addr: addr.to_string(),
+            identity,
+        }))
+    }
+
+    /// The peer's socket address, as text.
+    pub fn addr(&self) -> &str {
+        &self.0.addr
+    }
+
+    /// The peer's identity and its SPIFFE id, or why its certificate carries none.
+    pub fn identity(&self) -> Result<(&Identity, &str), &IdentityError> {
+        match &self.0.identity {
+            Ok((id, spiffe)) => Ok((id, spiffe)),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// An accepted, handshaken TLS connection with its [`Peer`].
+pub struct PeerStream {
+    inner: tokio_rustls::server::TlsStream<TcpStream>,
+    peer: Peer,
+}
+
+impl Connected for PeerStream {
+    type ConnectInfo = Peer;
+
+    fn connect_info(&self) -> Peer {
+        self.peer.clone()
+    }
+}
+
+impl AsyncRead for PeerStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for PeerStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
 /// Accepted, handshaken TLS connections of `listener`, as a stream for tonic's
-/// `serve_with_incoming`. Each handshake runs in its own task under `handshake` deadline,
-/// so a client that connects and says nothing blocks no one. Refused handshakes (no
-/// certificate, another CA) are logged. Abort the returned task to stop accepting.
+/// `serve_with_incoming`, each with its [`Peer`] (identities of `trust_domain`). Each
+/// handshake runs in its own task under the `handshake` deadline, so a client that
+/// connects and says nothing blocks no one. Refused handshakes (no certificate, another
+/// CA) are logged. Abort the returned task to stop accepting.
 pub fn incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
     handshake: std::time::Duration,
+    trust_domain: String,
 ) -> (
-    impl tokio_stream::Stream<Item = Result<tokio_rustls::server::TlsStream<TcpStream>, std::io::Error>>,
+    impl tokio_stream::Stream<Item = Result<PeerStream, std::io::Error>>,
     tokio::task::JoinHandle<()>,
 ) {
     let (tx, rx) = tokio::sync::mpsc::channel(256);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    let trust_domain: Arc<str> = trust_domain.into();
     let task = tokio::spawn(async move {
         loop {
-            let (tcp, peer) = match listener.accept().await {
+            let (tcp, addr) = match listener.accept().await {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
@@ -138,14 +246,15 @@ pub fn incoming(
                 }
             };
             let _ = tcp.set_nodelay(true);
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            let (acceptor, tx, td) = (acceptor.clone(), tx.clone(), trust_domain.clone());
             tokio::spawn(async move {
                 match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => {
-                        let _ = tx.send(stream).await;
+                    Ok(Ok(inner)) => {
+                        let peer = Peer::new(addr, inner.get_ref().1.peer_certificates(), &td);
+                        let _ = tx.send(PeerStream { inner, peer }).await;
                     }
-                    Ok(Err(e)) => tracing::warn!(%peer, error = %e, "TLS handshake refused"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    Ok(Err(e)) => tracing::warn!(peer = %addr, error = %e, "TLS handshake refused"),
+                    Err(_) => tracing::debug!(peer = %addr, "TLS handshake timed out"),
                 }
             });
         }

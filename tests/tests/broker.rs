@@ -489,7 +489,8 @@ async fn tampered_records_and_a_wrong_kek_are_refused() {
     // Flip one byte of vol-t's wrapped key in the store file's record.
     {
         let store = RedbStore::open(&env.state().join(STORE_FILE)).unwrap();
-        let (rev, mut rec) = store.get("vol-t").await.unwrap().unwrap();
+        let (rev, rec) = store.get("vol-t").await.unwrap().unwrap();
+        let mut rec = std::sync::Arc::unwrap_or_clone(rec);
         let w = rec.versions[0].wrapped.as_mut().unwrap();
         let mut ct = hex::decode(&w.ciphertext).unwrap();
         ct[7] ^= 0x01;
@@ -778,4 +779,64 @@ async fn sigterm_stops_the_broker_promptly_with_a_client_connected() {
         "stop took {took:?}"
     );
     drop(n1);
+}
+
+/// The identity is settled once per connection, at the TLS handshake: a certificate that
+/// our CA signed for another trust domain passes the handshake but is no one here, on
+/// every call; the refusal is audited; and callers on other connections stay themselves.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_certificate_for_another_trust_domain_is_no_one() {
+    let env = Env::new();
+    run_ok(
+        Command::new(bin("nodecrypt-keybroker"))
+            .args(["pki", "init", "--dir"])
+            .arg(env.pki())
+            .args(["--trust-domain", "other.test", "--node", "spy"]),
+    );
+    let broker = env.start_broker();
+    let mut n1 = env.client(&broker, "node-n1");
+    let k = n1
+        .create_volume_key(create("vol-a"))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut spy = env.client(&broker, "node-spy");
+    let refusals = [
+        spy.get_volume_key(get("vol-a", 0)).await.unwrap_err(),
+        spy.create_volume_key(create("vol-spy")).await.unwrap_err(),
+        spy.list_volume_keys(pb::ListVolumeKeysRequest::default())
+            .await
+            .unwrap_err(),
+        spy.get_volume_key(get("vol-a", 0)).await.unwrap_err(),
+    ];
+    for e in refusals {
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+        assert!(
+            e.message().contains("spiffe://other.test/node/spy"),
+            "the refusal names the presented id: {e:?}"
+        );
+    }
+    // n1's connection, interleaved with the spy's, is still n1's.
+    let again = n1
+        .get_volume_key(get("vol-a", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.key, k.key);
+    broker.stop();
+
+    let audit = fs::read_to_string(env.state().join("audit.log")).unwrap();
+    let spy_lines: Vec<&str> = audit
+        .lines()
+        .filter(|l| l.contains("other.test/node/spy"))
+        .collect();
+    assert_eq!(spy_lines.len(), 4, "every refused call is audited: {audit}");
+    for l in &spy_lines {
+        assert!(l.contains("\"peer\":\"unauthenticated: "), "{l}");
+        assert!(l.contains("\"result\":\"PERMISSION_DENIED\""), "{l}");
+    }
+    assert!(
+        !audit.contains("vol-spy\",\"version\":1"),
+        "nothing was created for the spy: {audit}"
+    );
 }

@@ -139,13 +139,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("listen on {}", t.listen))?;
         tcp_addr = Some(listener.local_addr()?.to_string());
-        let (incoming, accept) = tls::incoming(listener, server_cfg, Duration::from_secs(5));
-        let svc = AgentServer::new(Service::new(
-            agent.clone(),
-            Gate::Admin {
-                trust_domain: t.trust_domain.clone(),
-            },
-        ));
+        let (incoming, accept) = tls::incoming(
+            listener,
+            server_cfg,
+            Duration::from_secs(5),
+            t.trust_domain.clone(),
+        );
+        let svc = AgentServer::new(Service::new(agent.clone(), Gate::Admin));
         let router = Server::builder()
             .add_service(health_svc.clone())
             .add_service(reflection()?)
