@@ -221,7 +221,8 @@ impl Broker {
         outcome.result.map(Response::new)
     }
 
-    async fn load(&self, volume_id: &str) -> Result<(Revision, VolumeRecord), Status> {
+    /// The record of `volume_id` (shared with the store's cache: clone it to change it).
+    async fn load(&self, volume_id: &str) -> Result<(Revision, Arc<VolumeRecord>), Status> {
         self.store
             .get(volume_id)
             .await
@@ -362,7 +363,8 @@ impl Broker {
         validate::volume_id(&r.volume_id).map_err(invalid)?;
         validate::version(r.expected_current_version, true).map_err(invalid)?;
         for _ in 0..CAS_ATTEMPTS {
-            let (rev, mut rec) = self.load(&r.volume_id).await?;
+            let (rev, rec) = self.load(&r.volume_id).await?;
+            let mut rec = Arc::unwrap_or_clone(rec);
             authz::check(&c.identity, Action::Rotate, Some(&rec)).map_err(denied)?;
             if let Some(s) = destroyed(&rec) {
                 return Err(s);
@@ -407,7 +409,8 @@ impl Broker {
         validate::volume_id(&r.volume_id).map_err(invalid)?;
         validate::version(r.version, false).map_err(invalid)?;
         for _ in 0..CAS_ATTEMPTS {
-            let (rev, mut rec) = self.load(&r.volume_id).await?;
+            let (rev, rec) = self.load(&r.volume_id).await?;
+            let mut rec = Arc::unwrap_or_clone(rec);
             authz::check(&c.identity, Action::Retire, Some(&rec)).map_err(denied)?;
             let cur = rec.current_version();
             let kek_id = self.kek.id().to_string();
@@ -452,7 +455,8 @@ impl Broker {
             return Err(Status::invalid_argument("reason is at most 256 bytes"));
         }
         for _ in 0..CAS_ATTEMPTS {
-            let (rev, mut rec) = self.load(&r.volume_id).await?;
+            let (rev, rec) = self.load(&r.volume_id).await?;
+            let mut rec = Arc::unwrap_or_clone(rec);
             authz::check(&c.identity, Action::Destroy, Some(&rec)).map_err(denied)?;
             if rec.destroyed_at.is_some() {
                 return Ok((volume_info(&rec, self.kek.id()), None));
@@ -489,7 +493,8 @@ impl Broker {
         }
         authz::check(&c.identity, Action::Rebind, None).map_err(denied)?;
         for _ in 0..CAS_ATTEMPTS {
-            let (rev, mut rec) = self.load(&r.volume_id).await?;
+            let (rev, rec) = self.load(&r.volume_id).await?;
+            let mut rec = Arc::unwrap_or_clone(rec);
             if let Some(s) = destroyed(&rec) {
                 return Err(s);
             }

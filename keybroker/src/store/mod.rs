@@ -5,6 +5,7 @@
 pub mod redb;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -98,8 +99,12 @@ pub enum StoreError {
 /// Persistent storage of volume records with compare-and-swap.
 #[async_trait::async_trait]
 pub trait KeyStore: Send + Sync + 'static {
-    /// The record and its revision, if any.
-    async fn get(&self, volume_id: &str) -> Result<Option<(Revision, VolumeRecord)>, StoreError>;
+    /// The record and its revision, if any. Shared (a backend may hand out the same
+    /// record to every reader until it changes); clone it to build an update.
+    async fn get(
+        &self,
+        volume_id: &str,
+    ) -> Result<Option<(Revision, Arc<VolumeRecord>)>, StoreError>;
 
     /// Writes `record` if the stored revision is `expected` (`None`: must not exist).
     /// Returns the new revision, or [`StoreError::Conflict`].

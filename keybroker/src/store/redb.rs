@@ -29,7 +29,7 @@ pub struct RedbStore {
     // The write lock is taken only to compact the file (scrub); every transaction holds a
     // read lock, so compaction never races a transaction.
     db: Arc<RwLock<Database>>,
-    cache: RwLock<HashMap<String, (Revision, VolumeRecord)>>,
+    cache: RwLock<HashMap<String, (Revision, Arc<VolumeRecord>)>>,
 }
 
 fn backend<E: std::fmt::Display>(e: E) -> StoreError {
@@ -69,19 +69,19 @@ impl RedbStore {
 }
 
 impl RedbStore {
-    fn cached(&self, volume_id: &str) -> Option<(Revision, VolumeRecord)> {
+    fn cached(&self, volume_id: &str) -> Option<(Revision, Arc<VolumeRecord>)> {
         let cache = self.cache.read().unwrap_or_else(|p| p.into_inner());
         cache.get(volume_id).cloned()
     }
 
     /// Caches a committed record unless a newer revision is already cached (two puts
     /// can finish in either order).
-    fn remember(&self, rev: Revision, record: &VolumeRecord) {
+    fn remember(&self, rev: Revision, record: Arc<VolumeRecord>) {
         let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
         match cache.get(&record.volume_id) {
             Some((cached, _)) if *cached >= rev => {}
             _ => {
-                cache.insert(record.volume_id.clone(), (rev, record.clone()));
+                cache.insert(record.volume_id.clone(), (rev, record));
             }
         }
     }
@@ -96,7 +96,10 @@ fn decode(volume_id: &str, bytes: &[u8]) -> Result<VolumeRecord, StoreError> {
 
 #[async_trait::async_trait]
 impl KeyStore for RedbStore {
-    async fn get(&self, volume_id: &str) -> Result<Option<(Revision, VolumeRecord)>, StoreError> {
+    async fn get(
+        &self,
+        volume_id: &str,
+    ) -> Result<Option<(Revision, Arc<VolumeRecord>)>, StoreError> {
         if let Some(hit) = self.cached(volume_id) {
             return Ok(Some(hit));
         }
@@ -113,11 +116,11 @@ impl KeyStore for RedbStore {
                     .get(id.as_str())
                     .map_err(backend)?
                     .map_or(0, |g| g.value());
-                Ok(Some((rev, decode(&id, bytes.value())?)))
+                Ok(Some((rev, Arc::new(decode(&id, bytes.value())?))))
             })
             .await?;
         if let Some((rev, rec)) = &found {
-            self.remember(*rev, rec);
+            self.remember(*rev, rec.clone());
         }
         Ok(found)
     }
@@ -154,7 +157,7 @@ impl KeyStore for RedbStore {
                 Ok(new_rev)
             })
             .await?;
-        self.remember(new_rev, record);
+        self.remember(new_rev, Arc::new(record.clone()));
         Ok(new_rev)
     }
 
@@ -240,11 +243,17 @@ mod tests {
         let store = RedbStore::open(&dir.path().join(STORE_FILE)).unwrap();
         assert!(store.get("vol-c").await.unwrap().is_none());
         let r1 = store.put(&rec("n1"), None).await.unwrap();
-        assert_eq!(store.get("vol-c").await.unwrap().unwrap(), (r1, rec("n1")));
+        assert_eq!(
+            store.get("vol-c").await.unwrap().unwrap(),
+            (r1, rec("n1").into())
+        );
         let r2 = store.put(&rec("n2"), Some(r1)).await.unwrap();
-        assert_eq!(store.get("vol-c").await.unwrap().unwrap(), (r2, rec("n2")));
+        assert_eq!(
+            store.get("vol-c").await.unwrap().unwrap(),
+            (r2, rec("n2").into())
+        );
         // A put that finishes late with an older revision does not overwrite the cache.
-        store.remember(r1, &rec("n1"));
+        store.remember(r1, rec("n1").into());
         assert_eq!(store.get("vol-c").await.unwrap().unwrap().1.node_id, "n2");
         // A stale CAS is refused and leaves the cache alone.
         assert!(store.put(&rec("n3"), Some(r1)).await.is_err());
@@ -252,6 +261,9 @@ mod tests {
         // A fresh store on the same file (a restart) reads what was committed.
         drop(store);
         let store = RedbStore::open(&dir.path().join(STORE_FILE)).unwrap();
-        assert_eq!(store.get("vol-c").await.unwrap().unwrap(), (r2, rec("n2")));
+        assert_eq!(
+            store.get("vol-c").await.unwrap().unwrap(),
+            (r2, rec("n2").into())
+        );
     }
 }
