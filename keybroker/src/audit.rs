@@ -41,10 +41,24 @@ pub struct AuditEvent {
     pub detail: Option<String>,
 }
 
-#[derive(Serialize, Deserialize)]
+/// A line as written: the same fields as [`Line`], borrowed (no copy of the event).
+#[derive(Serialize)]
+struct LineRef<'a> {
+    seq: u64,
+    time: &'a str,
+    #[serde(flatten)]
+    event: &'a AuditEvent,
+    prev: &'a str,
+}
+
+/// A line as read back. Every field is parsed, so `verify` refuses a line that lacks one;
+/// only `seq` and `prev` take part in the chain.
+#[derive(Deserialize)]
 struct Line {
     seq: u64,
+    #[allow(dead_code)]
     time: String,
+    #[allow(dead_code)]
     #[serde(flatten)]
     event: AuditEvent,
     prev: String,
@@ -195,17 +209,15 @@ impl AuditLog {
                     let (mut s, mut p) = (seq, prev.clone());
                     for (event, _) in &batch {
                         s += 1;
-                        let line = Line {
-                            seq: s,
-                            time: crate::now_rfc3339(),
-                            event: event.clone(),
-                            prev: std::mem::take(&mut p),
-                        };
+                        let time = crate::now_rfc3339();
+                        let line = LineRef { seq: s, time: &time, event, prev: &p };
                         let start = buf.len();
                         serde_json::to_writer(&mut buf, &line).expect("audit line serialises");
                         p = sha256_hex(&buf[start..]);
                         buf.pop(); // the closing brace; the hash field closes the object
-                        buf.extend_from_slice(format!(",\"hash\":\"{p}\"}}\n").as_bytes());
+                        buf.extend_from_slice(b",\"hash\":\"");
+                        buf.extend_from_slice(p.as_bytes());
+                        buf.extend_from_slice(b"\"}\n");
                     }
                     let written = file
                         .write_all(&buf)
