@@ -16,7 +16,9 @@
 //! (`audit_fsync = false`). Writes `target/bench/broker.json` and prints a table.
 //!
 //! Knobs (environment): `NODECRYPT_BENCH_SECONDS` (default 10 per phase),
-//! `NODECRYPT_BENCH_CLIENTS` (64), `NODECRYPT_BENCH_VOLUMES` (1024 in all).
+//! `NODECRYPT_BENCH_CLIENTS` (64), `NODECRYPT_BENCH_VOLUMES` (1024 in all),
+//! `NODECRYPT_BENCH_FSYNC` (`both`, `on` or `off`), `NODECRYPT_BENCH_BROKER` (another
+//! broker binary, for comparing two builds in interleaved runs).
 
 use std::fs;
 use std::io::{BufRead, BufReader};
@@ -394,7 +396,14 @@ fn main() {
 
     tls::install_default_provider();
     let profile = profile_dir();
-    let bin = profile.join("nodecrypt-keybroker");
+    let bin = std::env::var_os("NODECRYPT_BENCH_BROKER")
+        .map_or_else(|| profile.join("nodecrypt-keybroker"), PathBuf::from);
+    let fsync_modes: &[bool] = match std::env::var("NODECRYPT_BENCH_FSYNC").as_deref() {
+        Ok("on") => &[true],
+        Ok("off") => &[false],
+        Ok("both") | Err(_) => &[true, false],
+        Ok(other) => panic!("NODECRYPT_BENCH_FSYNC={other:?}: use both, on or off"),
+    };
     assert!(
         bin.exists(),
         "{} is missing: build it first (`cargo build --release -p nodecrypt-keybroker`, \
@@ -432,7 +441,7 @@ fn main() {
     );
     let mut runs = Vec::new();
     let mut goal_met = None;
-    for fsync in [true, false] {
+    for &fsync in fsync_modes {
         let broker = Broker::start(&bin, dir.path(), fsync);
         let clients = {
             let _rt = rt.enter(); // lazy channels spawn their connection task on it
