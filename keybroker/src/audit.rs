@@ -190,6 +190,8 @@ impl AuditLog {
             .map_err(io)?;
         let (mut seq, mut prev) =
             recover_tail(path, &mut file)?.unwrap_or((0, GENESIS.to_string()));
+        // The length of the log's whole lines: a failed batch is cut back to it.
+        let mut len = file.metadata().map_err(io)?.len();
         let (tx, mut rx) = mpsc::channel::<Job>(4096);
         let path = path.to_path_buf();
         std::thread::Builder::new()
@@ -225,12 +227,18 @@ impl AuditLog {
                     let outcome = match written {
                         Ok(()) => {
                             (seq, prev) = (s, p);
+                            len += buf.len() as u64;
                             Ok(())
                         }
                         Err(e) => {
                             tracing::error!(path = %path.display(), error = %e, "audit write failed");
-                            // Drop whatever part reached the file so the chain stays whole.
-                            let _ = recover_tail(&path, &mut file);
+                            // Cut off whatever part of the batch reached the file (all of
+                            // it, if only the fsync failed): the next batch reuses these
+                            // sequence numbers, so the chain stays whole.
+                            if let Err(t) = file.set_len(len) {
+                                tracing::error!(path = %path.display(), error = %t,
+                                    "cannot cut a failed audit batch off the log; `audit verify` will name it");
+                            }
                             Err(e.to_string())
                         }
                     };
@@ -330,6 +338,17 @@ mod tests {
             version: Some(1),
             result: "OK".into(),
             detail: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_log_that_cannot_be_written_refuses_every_record() {
+        // /dev/full accepts the open and fails every write (ENOSPC): each call is told,
+        // so the service answers UNAVAILABLE instead of serving a key unaudited.
+        let log = AuditLog::open(Path::new("/dev/full"), true).unwrap();
+        for _ in 0..3 {
+            let e = log.record(ev("GetVolumeKey")).await.unwrap_err();
+            assert!(matches!(e, AuditError::Io { .. }), "{e}");
         }
     }
 
