@@ -31,8 +31,14 @@ pub struct Broker {
 /// The authenticated caller of one request.
 struct Caller {
     identity: Identity,
-    spiffe: String,
-    addr: String,
+}
+
+/// Whether an RPC only reads or changes state: it sets the level of the RPC's span (see
+/// [`Broker::run`]).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Access {
+    Read,
+    Change,
 }
 
 /// What a call did, for the audit line.
@@ -147,26 +153,24 @@ impl Broker {
     }
 
     /// The caller, from the identity its connection established at the TLS handshake.
-    fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
-        let peer = req
-            .extensions()
-            .get::<Peer>()
-            .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+    /// Also returns its SPIFFE id, borrowed from the peer.
+    fn caller(peer: Option<&Peer>) -> Result<(Caller, &str), Status> {
+        let peer = peer.ok_or_else(|| Status::unauthenticated("no client certificate"))?;
         let (identity, spiffe) = peer.identity().map_err(|e| match e {
             IdentityError::NoCertificate => Status::unauthenticated(e.to_string()),
             _ => Status::permission_denied(e.to_string()),
         })?;
-        Ok(Caller {
+        let caller = Caller {
             identity: identity.clone(),
-            spiffe: spiffe.to_string(),
-            addr: peer.addr().to_string(),
-        })
+        };
+        Ok((caller, spiffe))
     }
 
     /// Runs one RPC: identifies the caller, runs `op` in a span, audits, answers.
     async fn run<Req, T, F, Fut>(
         &self,
         rpc: &'static str,
+        access: Access,
         req: Request<Req>,
         volume_id: impl Fn(&Req) -> String,
         op: F,
@@ -175,25 +179,31 @@ impl Broker {
         F: FnOnce(Caller, Req) -> Fut,
         Fut: std::future::Future<Output = Outcome<T>>,
     {
-        let caller = self.caller(&req);
+        let peer = req.extensions().get::<Peer>().cloned();
+        let caller = Self::caller(peer.as_ref());
         let inner = req.into_inner();
         let vid = audit_safe(&volume_id(&inner));
-        let (peer, addr) = match &caller {
-            Ok(c) => (c.spiffe.clone(), c.addr.clone()),
-            Err(e) => (format!("unauthenticated: {}", e.message()), String::new()),
+        // Who, as the span, the log and the audit line name it (borrowed from the
+        // connection's Peer; copied once, into the audit line).
+        let who: std::borrow::Cow<'_, str> = match &caller {
+            Ok((_, spiffe)) => (*spiffe).into(),
+            Err(e) => format!("unauthenticated: {}", e.message()).into(),
+        };
+        let addr = match (&caller, &peer) {
+            (Ok(_), Some(p)) => p.addr().to_string(),
+            _ => String::new(),
         };
         // A span per request. Calls that change state get it at info level (what they log
         // inside is a state change a human wants to see, with its volume and peer); reads
         // (key fetches, descriptions, listings) log nothing at info when they succeed and
         // are all in the audit log, so their span is debug (cheaper by ~4 % of a fetch's
         // CPU), and a refusal names rpc, volume and peer in its own fields.
-        let span = if is_read(rpc) {
-            tracing::debug_span!("rpc", rpc, volume_id = %vid, peer = %peer)
-        } else {
-            tracing::info_span!("rpc", rpc, volume_id = %vid, peer = %peer)
+        let span = match access {
+            Access::Read => tracing::debug_span!("rpc", rpc, volume_id = %vid, peer = %who),
+            Access::Change => tracing::info_span!("rpc", rpc, volume_id = %vid, peer = %who),
         };
         let outcome = match caller {
-            Ok(c) => op(c, inner).instrument(span.clone()).await,
+            Ok((c, _)) => op(c, inner).instrument(span.clone()).await,
             Err(e) => Outcome {
                 result: Err(e),
                 version: None,
@@ -205,7 +215,7 @@ impl Broker {
             Err(s) => s.code(),
         };
         let event = AuditEvent {
-            peer: peer.clone(),
+            peer: who.to_string(),
             peer_addr: addr,
             rpc: rpc.to_string(),
             volume_id: vid.clone(),
@@ -215,7 +225,7 @@ impl Broker {
         };
         if let Err(e) = self.audit.record(event).await {
             let _g = span.enter();
-            warn!(rpc, volume_id = %vid, peer = %peer, error = %e, "audit failed; the call is refused");
+            warn!(rpc, volume_id = %vid, peer = %who, error = %e, "audit failed; the call is refused");
             return Err(Status::unavailable(format!(
                 "audit log unavailable, nothing served: {e}"
             )));
@@ -227,7 +237,7 @@ impl Broker {
                 Err(s) => info!(
                     rpc,
                     volume_id = %vid,
-                    peer = %peer,
+                    peer = %who,
                     code = code_name(s.code()),
                     message = s.message(),
                     "refused"
@@ -545,6 +555,7 @@ impl KeyBroker for Broker {
     ) -> Result<Response<pb::VolumeKey>, Status> {
         self.run(
             "CreateVolumeKey",
+            Access::Change,
             req,
             |r| r.volume_id.clone(),
             |c, r| async move { Outcome::of(self.create(&c, &r).await) },
@@ -558,6 +569,7 @@ impl KeyBroker for Broker {
     ) -> Result<Response<pb::VolumeKey>, Status> {
         self.run(
             "GetVolumeKey",
+            Access::Read,
             req,
             |r| r.volume_id.clone(),
             |c, r| async move {
@@ -575,6 +587,7 @@ impl KeyBroker for Broker {
     ) -> Result<Response<pb::VolumeKey>, Status> {
         self.run(
             "RotateVolumeKey",
+            Access::Change,
             req,
             |r| r.volume_id.clone(),
             |c, r| async move { Outcome::of(self.rotate(&c, &r).await) },
@@ -588,6 +601,7 @@ impl KeyBroker for Broker {
     ) -> Result<Response<pb::VolumeInfo>, Status> {
         self.run(
             "RetireVolumeKeyVersion",
+            Access::Change,
             req,
             |r| r.volume_id.clone(),
             |c, r| async move {
@@ -605,6 +619,7 @@ impl KeyBroker for Broker {
     ) -> Result<Response<pb::VolumeInfo>, Status> {
         self.run(
             "DestroyVolumeKey",
+            Access::Change,
             req,
             |r| r.volume_id.clone(),
             |c, r| async move {
@@ -624,6 +639,7 @@ impl KeyBroker for Broker {
     ) -> Result<Response<pb::VolumeInfo>, Status> {
         self.run(
             "RebindVolumeKey",
+            Access::Change,
             req,
             |r| r.volume_id.clone(),
             |c, r| async move {
@@ -643,6 +659,7 @@ impl KeyBroker for Broker {
     ) -> Result<Response<pb::ListVolumeKeysResponse>, Status> {
         self.run(
             "ListVolumeKeys",
+            Access::Read,
             req,
             |_| String::new(),
             |c, r| async move {
@@ -680,6 +697,7 @@ impl KeyBroker for Broker {
     ) -> Result<Response<pb::VolumeInfo>, Status> {
         self.run(
             "DescribeVolume",
+            Access::Read,
             req,
             |r| r.volume_id.clone(),
             |c, r| async move {
@@ -696,11 +714,6 @@ impl KeyBroker for Broker {
         )
         .await
     }
-}
-
-/// RPCs that change nothing (their span is debug-level, see [`Broker::run`]).
-fn is_read(rpc: &str) -> bool {
-    matches!(rpc, "GetVolumeKey" | "DescribeVolume" | "ListVolumeKeys")
 }
 
 /// The canonical gRPC name of a status code ("PERMISSION_DENIED").
