@@ -5,13 +5,12 @@
 //! that believes it set `force_destroy` gets silence). The check walks the wire format
 //! against the compiled descriptor set and answers `INVALID_ARGUMENT` naming the field.
 
+use std::any::Any;
 use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::sync::OnceLock;
 
-use std::any::Any;
-
-use bytes::{Buf, Bytes};
+use bytes::Buf;
 use prost::Message;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::Status;
@@ -176,22 +175,24 @@ impl<U: Message + prost::Name + Default> Decoder for StrictDecoder<U> {
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
-        let malformed = |e: prost::DecodeError| {
-            Status::invalid_argument(format!("malformed {}: {e}", U::full_name()))
-        };
-        // tonic hands over one contiguous frame: check and decode it in place, without a
-        // copy (one copy fewer of any key bytes it carries).
-        if buf.chunk().len() == buf.remaining() {
-            check(&U::full_name(), buf.chunk(), 0)?;
-            return U::decode(buf).map(Some).map_err(malformed);
+        // tonic hands over one contiguous frame: it is checked and decoded in place. Were
+        // it ever split, it is gathered into a buffer that is wiped after (it may hold
+        // key bytes).
+        let len = buf.remaining();
+        let mut gathered = zeroize::Zeroizing::new(Vec::new());
+        let contiguous = buf.chunk().len() == len;
+        if !contiguous {
+            gathered.resize(len, 0);
+            buf.copy_to_slice(&mut gathered);
         }
-        let bytes: Bytes = buf.copy_to_bytes(buf.remaining());
-        check(&U::full_name(), &bytes, 0)?;
-        let decoded = U::decode(bytes.clone()).map(Some).map_err(malformed);
-        if let Ok(mut copy) = bytes.try_into_mut() {
-            copy[..].zeroize();
+        let frame: &[u8] = if contiguous { buf.chunk() } else { &gathered };
+        check(&U::full_name(), frame, 0)?;
+        let msg = U::decode(frame)
+            .map_err(|e| Status::invalid_argument(format!("malformed {}: {e}", U::full_name())))?;
+        if contiguous {
+            buf.advance(len);
         }
-        decoded
+        Ok(Some(msg))
     }
 }
 
