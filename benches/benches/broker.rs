@@ -15,10 +15,18 @@
 //! Both with the audit log fsynced before each answer (the default) and without
 //! (`audit_fsync = false`). Writes `target/bench/broker.json` and prints a table.
 //!
+//! The load generator shares the machine's cores with the broker, so what the clients
+//! spend per call is taken from the broker. By default each client is the generated
+//! tonic client over a lean transport ([`lean`]): one HTTP/2 connection driven with `h2`
+//! directly, each request sent from the caller's task. `NODECRYPT_BENCH_CLIENT=channel`
+//! uses tonic's `Channel` instead (what the agent uses: reconnects, a `Buffer` task hop
+//! per request), which costs about as much CPU per call as the broker does.
+//!
 //! Knobs (environment): `NODECRYPT_BENCH_SECONDS` (default 10 per phase),
 //! `NODECRYPT_BENCH_CLIENTS` (64), `NODECRYPT_BENCH_VOLUMES` (1024 in all),
 //! `NODECRYPT_BENCH_FSYNC` (`both`, `on` or `off`), `NODECRYPT_BENCH_BROKER` (another
-//! broker binary, for comparing two builds in interleaved runs).
+//! broker binary, for comparing two builds in interleaved runs), `NODECRYPT_BENCH_CLIENT`
+//! (`lean` or `channel`).
 
 use std::fs;
 use std::io::{BufRead, BufReader};
@@ -177,11 +185,171 @@ impl Drop for Broker {
     }
 }
 
+/// The load generator's transport: the generated tonic clients over one HTTP/2
+/// connection driven with `h2` directly. Same TLS 1.3 client config, same HTTP/2 and gRPC
+/// framing as tonic's `Channel`, but a request is sent from the caller's task and its
+/// answer read there too: no `Buffer` worker, no per-request dispatch or body-pipe tasks.
+/// Unary calls only (the request body is gathered before it is sent).
+mod lean {
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::sync::Arc;
+    use std::task::{ready, Context, Poll};
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http_body::Frame;
+    use http_body_util::BodyExt;
+    use rustls::pki_types::ServerName;
+    use tokio::net::TcpStream;
+
+    type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+    /// A handle on one HTTP/2 connection; clones share it. (The bench puts its deadline
+    /// around each whole call, body and trailers included.)
+    #[derive(Clone)]
+    pub struct H2 {
+        send: h2::client::SendRequest<Bytes>,
+    }
+
+    /// TCP connect, TLS handshake and HTTP/2 handshake to `addr` (`ip:port`), within
+    /// `deadline`; the connection is driven by a task on the current runtime.
+    pub async fn connect(
+        addr: &str,
+        tls: Arc<rustls::ClientConfig>,
+        deadline: Duration,
+    ) -> Result<H2, BoxError> {
+        let connect = async {
+            let sock: std::net::SocketAddr = addr.parse()?;
+            let tcp = TcpStream::connect(sock).await?;
+            tcp.set_nodelay(true)?;
+            let name = ServerName::IpAddress(sock.ip().into());
+            let tls = tokio_rustls::TlsConnector::from(tls)
+                .connect(name, tcp)
+                .await?;
+            let (send, conn) = h2::client::handshake(tls).await?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    eprintln!("bench connection {e}");
+                }
+            });
+            Ok::<_, BoxError>(H2 { send })
+        };
+        tokio::time::timeout(deadline, connect)
+            .await
+            .map_err(|_| format!("connect to {addr} took longer than {deadline:?}"))?
+    }
+
+    impl tower::Service<http::Request<tonic::body::Body>> for H2 {
+        type Response = http::Response<Recv>;
+        type Error = BoxError;
+        type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+            self.send.poll_ready(cx).map_err(Into::into)
+        }
+
+        fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+            let send = self.send.clone();
+            let call = async move {
+                let (parts, mut body) = req.into_parts();
+                let mut data = Vec::with_capacity(1);
+                while let Some(frame) = body.frame().await {
+                    if let Ok(d) = frame?.into_data() {
+                        data.push(d);
+                    }
+                }
+                let mut send = send.ready().await?;
+                let (answer, mut stream) =
+                    send.send_request(http::Request::from_parts(parts, ()), data.is_empty())?;
+                let n = data.len();
+                for (i, d) in data.into_iter().enumerate() {
+                    stream.send_data(d, i + 1 == n)?;
+                }
+                Ok::<_, BoxError>(answer.await?.map(|body| Recv {
+                    body,
+                    data_done: false,
+                }))
+            };
+            Box::pin(call)
+        }
+    }
+
+    /// A response body: the DATA frames, then the trailers (where gRPC puts its status).
+    pub struct Recv {
+        body: h2::RecvStream,
+        data_done: bool,
+    }
+
+    impl http_body::Body for Recv {
+        type Data = Bytes;
+        type Error = h2::Error;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+            let this = self.get_mut();
+            if !this.data_done {
+                match ready!(this.body.poll_data(cx)) {
+                    Some(Ok(d)) => {
+                        // Give the window back, or a long run stalls on flow control.
+                        this.body.flow_control().release_capacity(d.len())?;
+                        return Poll::Ready(Some(Ok(Frame::data(d))));
+                    }
+                    Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                    None => this.data_done = true,
+                }
+            }
+            Poll::Ready(
+                ready!(this.body.poll_trailers(cx))
+                    .transpose()
+                    .map(|t| t.map(Frame::trailers)),
+            )
+        }
+
+        fn is_end_stream(&self) -> bool {
+            self.body.is_end_stream()
+        }
+    }
+}
+
+/// What the bench's clients can run on: tonic's `Channel` or the [`lean`] transport.
+trait Transport:
+    tonic::client::GrpcService<
+        tonic::body::Body,
+        Error: Into<StdError>,
+        Future: Send,
+        ResponseBody: http_body::Body<Data = bytes::Bytes, Error: Into<StdError> + Send>
+                          + Send
+                          + 'static,
+    > + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<T> Transport for T where
+    T: tonic::client::GrpcService<
+            tonic::body::Body,
+            Error: Into<StdError>,
+            Future: Send,
+            ResponseBody: http_body::Body<Data = bytes::Bytes, Error: Into<StdError> + Send>
+                              + Send
+                              + 'static,
+        > + Clone
+        + Send
+        + 'static
+{
+}
+
+type StdError = Box<dyn std::error::Error + Send + Sync>;
+
 /// One benchmark client: its own connection and node identity, its own volumes.
 #[derive(Clone)]
-struct BenchClient {
-    keys: KeyBrokerClient<Channel>,
-    health: HealthClient<Channel>,
+struct BenchClient<T> {
+    keys: KeyBrokerClient<T>,
+    health: HealthClient<T>,
     volumes: Arc<Vec<String>>,
 }
 
@@ -244,7 +412,12 @@ impl Stats {
     }
 }
 
-async fn phase(broker: &Broker, clients: &[BenchClient], call: Call, dur: Duration) -> Stats {
+async fn phase<T: Transport>(
+    broker: &Broker,
+    clients: &[BenchClient<T>],
+    call: Call,
+    dur: Duration,
+) -> Stats {
     let (cpu0, me0) = (broker.cpu(), proc_cpu(std::process::id()));
     let start = Instant::now();
     let end = start + dur;
@@ -267,19 +440,17 @@ async fn phase(broker: &Broker, clients: &[BenchClient], call: Call, dur: Durati
                                 version: 0,
                             };
                             // The key is dropped unread: only its arrival is measured.
-                            c.keys
-                                .get_volume_key(req)
-                                .await
-                                .map(|r| r.into_inner().key.len() == 64)
-                                .unwrap_or(false)
+                            let call = c.keys.get_volume_key(req);
+                            matches!(tokio::time::timeout(DEADLINE, call).await,
+                                Ok(Ok(r)) if r.get_ref().key.len() == 64)
                         }
-                        Call::HealthCheck => c
-                            .health
-                            .check(HealthCheckRequest {
+                        Call::HealthCheck => {
+                            let req = HealthCheckRequest {
                                 service: String::new(),
-                            })
-                            .await
-                            .is_ok(),
+                            };
+                            let call = c.health.check(req);
+                            matches!(tokio::time::timeout(DEADLINE, call).await, Ok(Ok(_)))
+                        }
                     };
                     if ok {
                         lat.push(t0.elapsed().as_micros().min(u32::MAX as u128) as u32);
@@ -312,49 +483,125 @@ async fn phase(broker: &Broker, clients: &[BenchClient], call: Call, dur: Durati
     }
 }
 
-fn connect(dir: &Path, broker: &Broker, n_clients: usize, volumes: usize) -> Vec<BenchClient> {
+/// Which transport the clients use (`NODECRYPT_BENCH_CLIENT`).
+#[derive(Clone, Copy, PartialEq)]
+enum ClientKind {
+    Lean,
+    Channel,
+}
+
+impl ClientKind {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Lean => "lean (h2 from the caller's task)",
+            Self::Channel => "tonic Channel",
+        }
+    }
+}
+
+/// Client `i`'s TLS config (its own node certificate) and its volume names.
+fn identity(
+    dir: &Path,
+    i: usize,
+    per_client: usize,
+) -> (Arc<rustls::ClientConfig>, Arc<Vec<String>>) {
+    let files = tls::TlsFiles {
+        cert: dir.join(format!("pki/node-n{i}.pem")),
+        key: dir.join(format!("pki/node-n{i}.key")),
+        ca: dir.join("pki/ca.pem"),
+    };
+    let cfg = Arc::new(tls::client_config(&files).expect("client TLS"));
+    let volumes = (0..per_client)
+        .map(|v| format!("bench-n{i}-v{v}"))
+        .collect();
+    (cfg, Arc::new(volumes))
+}
+
+/// Deadline of every connect and every request the bench makes.
+const DEADLINE: Duration = Duration::from_secs(10);
+
+/// Clients on tonic `Channel`s (lazy: connections open on first use, on the runtime
+/// entered by the caller).
+fn channel_clients(
+    dir: &Path,
+    broker: &Broker,
+    n_clients: usize,
+    volumes: usize,
+) -> Vec<BenchClient<Channel>> {
     let per_client = volumes.div_ceil(n_clients);
     (0..n_clients)
         .map(|i| {
-            let files = tls::TlsFiles {
-                cert: dir.join(format!("pki/node-n{i}.pem")),
-                key: dir.join(format!("pki/node-n{i}.key")),
-                ca: dir.join("pki/ca.pem"),
-            };
-            let cfg = Arc::new(tls::client_config(&files).expect("client TLS"));
+            let (cfg, volumes) = identity(dir, i, per_client);
             let deadlines = client::Deadlines {
-                connect: Duration::from_secs(10),
-                request: Duration::from_secs(10),
+                connect: DEADLINE,
+                request: DEADLINE,
             };
             let ch = client::channel(&broker.addr, cfg, deadlines).expect("channel");
             BenchClient {
                 keys: KeyBrokerClient::new(ch.clone()),
                 health: HealthClient::new(ch),
-                volumes: Arc::new(
-                    (0..per_client)
-                        .map(|v| format!("bench-n{i}-v{v}"))
-                        .collect(),
-                ),
+                volumes,
             }
         })
         .collect()
 }
 
-async fn create_volumes(clients: &[BenchClient]) {
+/// Clients on [`lean`] connections (connected here).
+async fn lean_clients(
+    dir: &Path,
+    broker: &Broker,
+    n_clients: usize,
+    volumes: usize,
+) -> Vec<BenchClient<lean::H2>> {
+    let per_client = volumes.div_ceil(n_clients);
+    let origin: tonic::codegen::http::Uri =
+        format!("https://{}", broker.addr).parse().expect("origin");
+    let mut clients = Vec::with_capacity(n_clients);
+    for i in 0..n_clients {
+        let (cfg, volumes) = identity(dir, i, per_client);
+        let h2 = lean::connect(&broker.addr, cfg, DEADLINE)
+            .await
+            .unwrap_or_else(|e| panic!("client n{i}: {e}"));
+        clients.push(BenchClient {
+            keys: KeyBrokerClient::with_origin(h2.clone(), origin.clone()),
+            health: HealthClient::with_origin(h2, origin.clone()),
+            volumes,
+        });
+    }
+    clients
+}
+
+/// Creates the volumes, warms up, then measures the health peer and the key fetches.
+async fn measure<T: Transport>(
+    broker: &Broker,
+    clients: Vec<BenchClient<T>>,
+    dur: Duration,
+) -> (Stats, Stats) {
+    create_volumes(&clients).await;
+    // Warm-up: connections, handshakes, page cache, allocator.
+    phase(broker, &clients, Call::GetVolumeKey, Duration::from_secs(1)).await;
+    let health = phase(broker, &clients, Call::HealthCheck, dur).await;
+    let keys = phase(broker, &clients, Call::GetVolumeKey, dur).await;
+    (health, keys)
+}
+
+async fn create_volumes<T: Transport>(clients: &[BenchClient<T>]) {
     let tasks: Vec<_> = clients
         .iter()
         .cloned()
         .map(|mut c| {
             tokio::spawn(async move {
                 for v in c.volumes.iter() {
-                    c.keys
-                        .create_volume_key(pb::CreateVolumeKeyRequest {
-                            volume_id: v.clone(),
-                            node_id: String::new(),
-                            labels: Default::default(),
-                        })
-                        .await
-                        .unwrap_or_else(|e| panic!("create {v}: {e}"));
+                    let call = c.keys.create_volume_key(pb::CreateVolumeKeyRequest {
+                        volume_id: v.clone(),
+                        node_id: String::new(),
+                        labels: Default::default(),
+                    });
+                    match tokio::time::timeout(DEADLINE, call).await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => panic!("create {v}: {e}"),
+                        Err(_) => panic!("create {v}: no answer within {DEADLINE:?}"),
+                    }
                 }
             })
         })
@@ -404,6 +651,11 @@ fn main() {
         Ok("both") | Err(_) => &[true, false],
         Ok(other) => panic!("NODECRYPT_BENCH_FSYNC={other:?}: use both, on or off"),
     };
+    let kind = match std::env::var("NODECRYPT_BENCH_CLIENT").as_deref() {
+        Ok("lean") | Err(_) => ClientKind::Lean,
+        Ok("channel") => ClientKind::Channel,
+        Ok(other) => panic!("NODECRYPT_BENCH_CLIENT={other:?}: use lean or channel"),
+    };
     assert!(
         bin.exists(),
         "{} is missing: build it first (`cargo build --release -p nodecrypt-keybroker`, \
@@ -430,9 +682,10 @@ fn main() {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let loadavg = fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
-        "broker bench: {n_clients} mTLS clients (own connection and node identity each), \
-         {n_volumes} volumes, {seconds} s per phase, {cpus} CPUs shared by clients and broker, \
+        "broker bench: {n_clients} mTLS clients (own connection and node identity each; \
+         transport: {}), {n_volumes} volumes, {seconds} s per phase, {cpus} CPUs shared by clients and broker, \
          load average {}",
+        kind.name(),
         loadavg
             .split_whitespace()
             .take(3)
@@ -443,25 +696,19 @@ fn main() {
     let mut goal_met = None;
     for &fsync in fsync_modes {
         let broker = Broker::start(&bin, dir.path(), fsync);
-        let clients = {
-            let _rt = rt.enter(); // lazy channels spawn their connection task on it
-            connect(dir.path(), &broker, n_clients, n_volumes)
+        let (health, keys) = match kind {
+            ClientKind::Lean => rt.block_on(async {
+                let clients = lean_clients(dir.path(), &broker, n_clients, n_volumes).await;
+                measure(&broker, clients, dur).await
+            }),
+            ClientKind::Channel => {
+                let clients = {
+                    let _rt = rt.enter(); // lazy channels spawn their connection task on it
+                    channel_clients(dir.path(), &broker, n_clients, n_volumes)
+                };
+                rt.block_on(measure(&broker, clients, dur))
+            }
         };
-        let (health, keys) = rt.block_on(async {
-            create_volumes(&clients).await;
-            // Warm-up: connections, handshakes, page cache, allocator.
-            phase(
-                &broker,
-                &clients,
-                Call::GetVolumeKey,
-                Duration::from_secs(1),
-            )
-            .await;
-            let health = phase(&broker, &clients, Call::HealthCheck, dur).await;
-            let keys = phase(&broker, &clients, Call::GetVolumeKey, dur).await;
-            (health, keys)
-        });
-        drop(clients);
         drop(broker);
         let ratio = keys.per_sec() / health.per_sec();
         println!("\naudit_fsync = {fsync}");
@@ -500,6 +747,7 @@ fn main() {
     let report = json!({
         "bench": "broker",
         "clients": n_clients,
+        "client_transport": kind.name(),
         "volumes": n_volumes,
         "seconds_per_phase": seconds,
         "cpus": cpus,
