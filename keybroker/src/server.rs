@@ -3,6 +3,7 @@
 //! reflection, graceful shutdown (NOT_SERVING, drain).
 
 use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,13 +56,46 @@ pub enum ServeError {
 }
 
 /// Reads the KEK id the store records without writing to it (a read-only open).
+///
+/// After a crash or power loss the store was not closed, and a read-only open cannot
+/// rebuild redb's allocator state; the id is then read from a repaired private copy, so
+/// the store itself is not touched before the KEK is known to be the right one (the real
+/// open repairs it afterwards).
 fn recorded_kek_id(path: &std::path::Path) -> Result<Option<String>, StoreError> {
-    use redb::{ReadableDatabase, TableDefinition};
     if !path.exists() {
         return Ok(None);
     }
-    let db = redb::ReadOnlyDatabase::open(path)
-        .map_err(|e| StoreError::Backend(format!("{}: {e}", path.display())))?;
+    let backend =
+        |e: &dyn std::fmt::Display| StoreError::Backend(format!("{}: {e}", path.display()));
+    match redb::ReadOnlyDatabase::open(path) {
+        Ok(db) => kek_id_in(&db),
+        Err(redb::DatabaseError::RepairAborted) => {
+            let copy = path.with_extension("redb.kek-check");
+            let _ = std::fs::remove_file(&copy); // a stale copy of a crash during this check
+            let repaired = (|| {
+                let mut to = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&copy)?;
+                std::io::copy(&mut std::fs::File::open(path)?, &mut to)?;
+                Ok::<_, std::io::Error>(())
+            })()
+            .map_err(|e| backend(&e))
+            .and_then(|()| {
+                let db = redb::Database::create(&copy).map_err(|e| backend(&e))?;
+                kek_id_in(&db)
+            });
+            let _ = std::fs::remove_file(&copy);
+            repaired
+        }
+        Err(e) => Err(backend(&e)),
+    }
+}
+
+/// The KEK id in the store's `meta` table, if any.
+fn kek_id_in(db: &impl redb::ReadableDatabase) -> Result<Option<String>, StoreError> {
+    use redb::TableDefinition;
     let r = db
         .begin_read()
         .map_err(|e| StoreError::Backend(e.to_string()))?;

@@ -221,6 +221,12 @@ pub struct Broker {
 }
 
 impl Broker {
+    /// Kills it with SIGKILL (a crash: nothing is flushed or closed) and reaps it.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Stops it gracefully and waits.
     pub fn stop(mut self) {
         self.terminate();

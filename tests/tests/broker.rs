@@ -567,6 +567,75 @@ async fn tampered_records_and_a_wrong_kek_are_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_broker_restarts_and_still_checks_its_kek() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    let broker = env.start_broker();
+    let mut n1 = env.client(&broker, "node-n1");
+    let key = n1
+        .create_volume_key(create("vol-crash"))
+        .await
+        .unwrap()
+        .into_inner()
+        .key;
+    broker.kill9();
+    let store = env.state().join(STORE_FILE);
+    let mode = fs::metadata(&store).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "store file mode {mode:o}");
+
+    // The store was not closed. With another KEK the broker still refuses to start, and
+    // the store, the audit log and the state directory are as the crash left them.
+    let kek = env.state().join("kek");
+    let original = fs::read(&kek).unwrap();
+    let store_hash = sha256_file(&store);
+    let audit_hash = sha256_file(&env.state().join("audit.log"));
+    fs::remove_file(&kek).unwrap();
+    run_ok(
+        Command::new(bin("nodecrypt-keybroker"))
+            .args(["init", "--state-dir"])
+            .arg(env.state()),
+    );
+    let err = match env.try_start_broker() {
+        Ok(_) => panic!("the broker started with the wrong KEK"),
+        Err(log) => log,
+    };
+    assert!(
+        err.contains("is not the KEK this store was written with"),
+        "{err}"
+    );
+    assert_eq!(sha256_file(&store), store_hash, "store untouched");
+    assert_eq!(
+        sha256_file(&env.state().join("audit.log")),
+        audit_hash,
+        "audit log untouched"
+    );
+    let mut names: Vec<_> = fs::read_dir(env.state())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["audit.log", "kek", STORE_FILE],
+        "nothing left behind"
+    );
+
+    // The right KEK: it starts (repairing the store) and serves the key, crash after crash.
+    fs::write(&kek, &original).unwrap();
+    for _ in 0..2 {
+        let broker = env.start_broker();
+        let mut n1 = env.client(&broker, "node-n1");
+        let got = n1
+            .get_volume_key(get("vol-crash", 0))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(got.key, key);
+        broker.kill9();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn destroyed_keys_are_gone_from_the_store_file() {
     let env = Env::new();
     let broker = env.start_broker();

@@ -10,6 +10,7 @@
 //! transaction and no JSON decode.
 
 use std::collections::HashMap;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
@@ -39,6 +40,15 @@ fn backend<E: std::fmt::Display>(e: E) -> StoreError {
 impl RedbStore {
     /// Opens (or creates) the store file at `path`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        // It holds wrapped keys only, but it is no one else's to read: 0600 whatever the
+        // umask (redb initialises an empty file like a missing one).
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .map_err(|e| StoreError::Backend(format!("{}: {e}", path.display())))?;
         let db = Database::create(path)
             .map_err(|e| StoreError::Backend(format!("{}: {e}", path.display())))?;
         let w = db.begin_write().map_err(backend)?;
