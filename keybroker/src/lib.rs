@@ -9,6 +9,7 @@ pub mod client;
 pub mod config;
 pub mod identity;
 pub mod pki;
+pub mod process;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -152,11 +152,12 @@ fn init_tracing(format: &str) {
 }
 
 fn main() -> ExitCode {
-    // No core dumps and no ptrace by non-root: a dump of this process holds keys.
-    let _ = nix::sys::prctl::set_dumpable(false);
     tls::install_default_provider();
     let cli = Cli::parse();
     init_tracing(&cli.log_format);
+    // No core dumps, no ptrace by non-root, no key page in swap: this process holds the
+    // KEK and unwrapped keys.
+    nodecrypt_keybroker::process::harden();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -144,6 +144,12 @@ impl Env {
 
     /// Starts the broker on `listen`; `Err(stderr)` if it exits before it is ready.
     pub fn try_start_broker_on(&self, listen: &str) -> Result<Broker, String> {
+        self.try_start_broker_via(listen, &[])
+    }
+
+    /// Starts the broker on `listen` through `wrapper` (a command that runs the rest of
+    /// its arguments, e.g. `setpriv …`; empty: directly).
+    pub fn try_start_broker_via(&self, listen: &str, wrapper: &[&str]) -> Result<Broker, String> {
         if !self.state().join("kek").exists() {
             run_ok(
                 Command::new(bin("nodecrypt-keybroker"))
@@ -158,7 +164,15 @@ impl Env {
             .append(true)
             .open(&log)
             .expect("broker log");
-        let mut child = Command::new(bin("nodecrypt-keybroker"))
+        let mut cmd = match wrapper {
+            [] => Command::new(bin("nodecrypt-keybroker")),
+            [first, rest @ ..] => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin("nodecrypt-keybroker"));
+                c
+            }
+        };
+        let mut child = cmd
             .args(["--log-format", "json", "serve", "--config"])
             .arg(&config)
             .env("NODECRYPT_LOG", "debug")
@@ -221,6 +235,11 @@ pub struct Broker {
 }
 
 impl Broker {
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Kills it with SIGKILL (a crash: nothing is flushed or closed) and reaps it.
     pub fn kill9(mut self) {
         let _ = self.child.kill();

@@ -909,3 +909,61 @@ async fn a_certificate_for_another_trust_domain_is_no_one() {
         "nothing was created for the spy: {audit}"
     );
 }
+
+/// `VmLck` of process `pid`, in kB.
+fn locked_kb(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmLck:"))
+        .expect("VmLck in /proc/<pid>/status");
+    line.trim().trim_end_matches("kB").trim().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_locks_its_memory_or_says_why_not_and_serves_either_way() {
+    let env = Env::new();
+    // As root (CAP_IPC_LOCK): every page locked, so no key page can reach swap.
+    let broker = env.start_broker();
+    assert!(
+        locked_kb(broker.pid()) > 1024,
+        "memory not locked: VmLck {} kB",
+        locked_kb(broker.pid())
+    );
+    broker.stop();
+
+    // Without CAP_IPC_LOCK and under an 8 MiB RLIMIT_MEMLOCK: locking all future pages would
+    // make allocations fail once 8 MiB are locked, so the broker leaves memory unlocked,
+    // warns, and serves.
+    let limited = env
+        .try_start_broker_via(
+            "127.0.0.1:0",
+            &[
+                "setpriv",
+                "--inh-caps=-ipc_lock",
+                "--bounding-set=-ipc_lock",
+                "prlimit",
+                "--memlock=8388608",
+                "--",
+            ],
+        )
+        .unwrap_or_else(|e| panic!("broker under a memlock limit did not start: {e}"));
+    assert_eq!(locked_kb(limited.pid()), 0, "locked under a limit");
+    let mut n1 = env.client(&limited, "node-n1");
+    let created = n1
+        .create_volume_key(create("vol-memlock"))
+        .await
+        .unwrap()
+        .into_inner();
+    let fetched = n1
+        .get_volume_key(get("vol-memlock", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(fetched.key, created.key);
+    let log = fs::read_to_string(&limited.log).unwrap();
+    assert!(
+        log.contains("memory not locked: RLIMIT_MEMLOCK is limited"),
+        "no warning: {log}"
+    );
+}

@@ -16,7 +16,7 @@ use nodecrypt_proto::agent::v1::agent_server::AgentServer;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic::transport::Server;
-use tracing::{info, warn};
+use tracing::info;
 
 /// The nodecrypt node agent.
 #[derive(Parser)]
@@ -43,22 +43,11 @@ fn init_tracing(format: &str) {
     }
 }
 
-fn harden() {
-    // No core dumps, no ptrace by non-root: this process holds keys.
-    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
-        warn!(error = %e, "could not make the process non-dumpable");
-    }
-    // Keep key pages out of swap where the limits allow it.
-    use nix::sys::mman::{mlockall, MlockAllFlags};
-    if let Err(e) = mlockall(MlockAllFlags::MCL_CURRENT | MlockAllFlags::MCL_FUTURE) {
-        warn!(error = %e, "mlockall failed; key pages may be swapped");
-    }
-}
-
 fn main() -> ExitCode {
     let args = Args::parse();
     init_tracing(&args.log_format);
-    harden();
+    // No core dumps, no ptrace by non-root, no key page in swap.
+    nodecrypt_keybroker::process::harden();
     tls::install_default_provider();
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();

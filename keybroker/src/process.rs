@@ -1,0 +1,88 @@
+//! Hardening of a process that holds keys: the broker (the KEK, unwrapped volume keys)
+//! and the agent (volume keys on their way to dm-crypt).
+
+use nix::sys::mman::{mlockall, MlockAllFlags};
+use nix::sys::resource::{getrlimit, Resource, RLIM_INFINITY};
+
+/// `CAP_IPC_LOCK`: lock memory past `RLIMIT_MEMLOCK`.
+const CAP_IPC_LOCK: u32 = 14;
+
+/// How much of the hardening took hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hardened {
+    /// No core dumps; no ptrace by non-root.
+    pub non_dumpable: bool,
+    /// All pages, current and future, locked in RAM: key pages are never swapped out.
+    pub memory_locked: bool,
+}
+
+/// Makes the process non-dumpable and locks its memory, logging (at warn) whatever could
+/// not be done; never fatal. Call at the top of `main`, once logging is set up.
+///
+/// Memory is locked only when nothing can run out of lockable memory later: no
+/// `RLIMIT_MEMLOCK` limit, or `CAP_IPC_LOCK`. Under a limit, `MCL_FUTURE` would make
+/// allocations fail, and the process abort, once the limit is reached under load; so
+/// there it stays unlocked and says so (systemd: `LimitMEMLOCK=infinity`).
+pub fn harden() -> Hardened {
+    let non_dumpable = match nix::sys::prctl::set_dumpable(false) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not make the process non-dumpable");
+            false
+        }
+    };
+    let memory_locked = if let Some(limit) = memlock_limit() {
+        tracing::warn!(
+            limit_bytes = limit,
+            "memory not locked: RLIMIT_MEMLOCK is limited and CAP_IPC_LOCK is missing, so key \
+             pages may be swapped (systemd: LimitMEMLOCK=infinity)"
+        );
+        false
+    } else {
+        match mlockall(MlockAllFlags::MCL_CURRENT | MlockAllFlags::MCL_FUTURE) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "mlockall failed; key pages may be swapped");
+                false
+            }
+        }
+    };
+    Hardened {
+        non_dumpable,
+        memory_locked,
+    }
+}
+
+/// The `RLIMIT_MEMLOCK` soft limit in bytes, if it binds this process (`None`: no limit,
+/// or `CAP_IPC_LOCK` in the effective set).
+fn memlock_limit() -> Option<u64> {
+    let soft = match getrlimit(Resource::RLIMIT_MEMLOCK) {
+        Ok((soft, _)) => soft,
+        Err(_) => return Some(0),
+    };
+    if soft == RLIM_INFINITY || effective_caps().is_some_and(|c| c & (1 << CAP_IPC_LOCK) != 0) {
+        None
+    } else {
+        Some(soft)
+    }
+}
+
+/// The effective capability set, from `/proc/self/status`.
+fn effective_caps() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+    u64::from_str_radix(hex.trim(), 16).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn effective_caps_are_read() {
+        // The tests run as root (loop devices, dm-crypt), which has CAP_IPC_LOCK.
+        let caps = effective_caps().expect("CapEff in /proc/self/status");
+        assert_ne!(caps & (1 << CAP_IPC_LOCK), 0, "no CAP_IPC_LOCK: {caps:x}");
+        assert_eq!(memlock_limit(), None);
+    }
+}
