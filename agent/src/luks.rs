@@ -5,6 +5,7 @@
 //! Keys reach libcryptsetup from memory only (`&[u8]` of a zeroizing buffer), never a
 //! file, an argument vector or the environment.
 
+use std::ffi::{c_char, c_int, c_void, CStr};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -34,6 +35,25 @@ pub const TOKEN_TYPE: &str = "nodecrypt";
 pub const PBKDF2_ITERATIONS: u32 = 1000;
 /// The LUKS2 magic of the primary header.
 const LUKS_MAGIC: &[u8; 6] = b"LUKS\xba\xbe";
+
+/// Sends libcryptsetup's own log messages to `trace!` (target `libcryptsetup`, with the
+/// library's level as a field). Call once at the top of `main`, before other threads run.
+/// Without it the library prints its debug output to stdout and drops the rest; what an
+/// operator needs from a failure is in our errors, which name the device and operation.
+pub fn route_library_log() {
+    libcryptsetup_rs::set_log_callback::<()>(Some(library_log), None);
+}
+
+/// libcryptsetup's log callback. Lossy on bytes that are not UTF-8 (a hostile header's
+/// strings must not abort the process, as a panic across this boundary would).
+unsafe extern "C" fn library_log(level: c_int, msg: *const c_char, _usrptr: *mut c_void) {
+    if msg.is_null() {
+        return;
+    }
+    // SAFETY: libcryptsetup passes a NUL-terminated string that outlives the call.
+    let msg = unsafe { CStr::from_ptr(msg) }.to_string_lossy();
+    tracing::trace!(target: "libcryptsetup", level, "{}", msg.trim_end());
+}
 
 /// What went wrong in libcryptsetup, with the device it concerned.
 #[derive(Debug, thiserror::Error)]
@@ -514,4 +534,62 @@ pub fn deactivate(name: &str) -> Result<(), LuksError> {
     cd.activate_handle()
         .deactivate(name, CryptDeactivate::empty())
         .map_err(LuksError::crypt(&dev, "remove mapping"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// A tracing writer that keeps what it is given.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn library_messages_reach_trace_with_their_target() {
+        route_library_log();
+        let out = Captured::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let dir = tempfile::tempdir().unwrap();
+        let device = dir.path().join("missing.img");
+        tracing::subscriber::with_default(subscriber, || {
+            // A message through the library's own log function, and a real failure.
+            libcryptsetup_rs::log(
+                libcryptsetup_rs::consts::vals::CryptLogLevel::Error,
+                "nodecrypt probe",
+            )
+            .unwrap();
+            assert!(load(&device).is_err(), "there is no such device");
+        });
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        assert!(
+            text.contains("TRACE libcryptsetup: nodecrypt probe"),
+            "probe not routed: {text}"
+        );
+        let lines = text
+            .lines()
+            .filter(|l| l.contains("TRACE libcryptsetup:"))
+            .count();
+        assert!(
+            text.contains("missing.img") && lines >= 2,
+            "the failed load logged nothing: {text}"
+        );
+    }
 }

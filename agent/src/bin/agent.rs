@@ -48,6 +48,7 @@ fn main() -> ExitCode {
     init_tracing(&args.log_format);
     // No core dumps, no ptrace by non-root, no key page in swap.
     nodecrypt_keybroker::process::harden();
+    nodecrypt_agent::luks::route_library_log();
     tls::install_default_provider();
     #[cfg(feature = "failpoints")]
     let _failpoints = fail::FailScenario::setup();
