@@ -473,6 +473,41 @@ fn sha256_file(p: &std::path::Path) -> Vec<u8> {
     Sha256::digest(fs::read(p).unwrap()).to_vec()
 }
 
+/// Puts a fresh KEK in place of the state directory's and asserts that the broker refuses
+/// to start with it and changes neither the store nor the audit log. Returns the original
+/// KEK's bytes (the file now holds the fresh one).
+fn assert_another_kek_is_refused(env: &Env) -> Vec<u8> {
+    let kek = env.state().join("kek");
+    let original = fs::read(&kek).unwrap();
+    let store_hash = sha256_file(&env.state().join(STORE_FILE));
+    let audit_hash = sha256_file(&env.state().join("audit.log"));
+    fs::remove_file(&kek).unwrap();
+    run_ok(
+        Command::new(bin("nodecrypt-keybroker"))
+            .args(["init", "--state-dir"])
+            .arg(env.state()),
+    );
+    let err = match env.try_start_broker() {
+        Ok(_) => panic!("the broker started with the wrong KEK"),
+        Err(log) => log,
+    };
+    assert!(
+        err.contains("is not the KEK this store was written with"),
+        "{err}"
+    );
+    assert_eq!(
+        sha256_file(&env.state().join(STORE_FILE)),
+        store_hash,
+        "store untouched"
+    );
+    assert_eq!(
+        sha256_file(&env.state().join("audit.log")),
+        audit_hash,
+        "audit log untouched"
+    );
+    original
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tampered_records_and_a_wrong_kek_are_refused() {
     let env = Env::new();
@@ -515,33 +550,7 @@ async fn tampered_records_and_a_wrong_kek_are_refused() {
 
     // Another KEK: the broker refuses to start, and changes nothing.
     let kek = env.state().join("kek");
-    let original = fs::read(&kek).unwrap();
-    let store_hash = sha256_file(&env.state().join(STORE_FILE));
-    let audit_hash = sha256_file(&env.state().join("audit.log"));
-    fs::remove_file(&kek).unwrap();
-    run_ok(
-        Command::new(bin("nodecrypt-keybroker"))
-            .args(["init", "--state-dir"])
-            .arg(env.state()),
-    );
-    let err = match env.try_start_broker() {
-        Ok(_) => panic!("the broker started with the wrong KEK"),
-        Err(log) => log,
-    };
-    assert!(
-        err.contains("is not the KEK this store was written with"),
-        "{err}"
-    );
-    assert_eq!(
-        sha256_file(&env.state().join(STORE_FILE)),
-        store_hash,
-        "store untouched"
-    );
-    assert_eq!(
-        sha256_file(&env.state().join("audit.log")),
-        audit_hash,
-        "audit log untouched"
-    );
+    let original = assert_another_kek_is_refused(&env);
 
     // `init` never overwrites a KEK.
     let out = Command::new(bin("nodecrypt-keybroker"))
@@ -586,29 +595,7 @@ async fn a_killed_broker_restarts_and_still_checks_its_kek() {
     // The store was not closed. With another KEK the broker still refuses to start, and
     // the store, the audit log and the state directory are as the crash left them.
     let kek = env.state().join("kek");
-    let original = fs::read(&kek).unwrap();
-    let store_hash = sha256_file(&store);
-    let audit_hash = sha256_file(&env.state().join("audit.log"));
-    fs::remove_file(&kek).unwrap();
-    run_ok(
-        Command::new(bin("nodecrypt-keybroker"))
-            .args(["init", "--state-dir"])
-            .arg(env.state()),
-    );
-    let err = match env.try_start_broker() {
-        Ok(_) => panic!("the broker started with the wrong KEK"),
-        Err(log) => log,
-    };
-    assert!(
-        err.contains("is not the KEK this store was written with"),
-        "{err}"
-    );
-    assert_eq!(sha256_file(&store), store_hash, "store untouched");
-    assert_eq!(
-        sha256_file(&env.state().join("audit.log")),
-        audit_hash,
-        "audit log untouched"
-    );
+    let original = assert_another_kek_is_refused(&env);
     let mut names: Vec<_> = fs::read_dir(env.state())
         .unwrap()
         .map(|e| e.unwrap().file_name().into_string().unwrap())
