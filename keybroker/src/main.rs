@@ -221,18 +221,21 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
 async fn serve(cfg: Config) -> anyhow::Result<()> {
     let bound = server::bind(cfg).await?;
     let addr = bound.local_addr()?;
+    // The handlers exist before anyone is told we are ready: a SIGTERM right after
+    // readiness is a graceful stop (store closed), not the default action's kill.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     // Readiness for scripts and tests (stdout) and for systemd (sd_notify).
     println!(
         "{}",
         serde_json::json!({ "ready": true, "listen": addr.to_string() })
     );
     let _ = sd_notify_ready();
-    let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
+    let shutdown = async move {
         tokio::select! {
             _ = term.recv() => {},
-            _ = tokio::signal::ctrl_c() => {},
+            _ = int.recv() => {},
         }
         let _ = sd_notify_stopping();
     };

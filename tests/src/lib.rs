@@ -251,6 +251,13 @@ impl Broker {
         self.terminate();
     }
 
+    /// Sends SIGTERM and returns how it ended.
+    pub fn stop_status(mut self) -> std::process::ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        self.child.wait().expect("wait for the broker")
+    }
+
     fn terminate(&mut self) {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);

@@ -837,6 +837,20 @@ async fn sigterm_stops_the_broker_promptly_with_a_client_connected() {
     drop(n1);
 }
 
+/// Readiness is announced only once SIGTERM is handled: a stop right after it is graceful
+/// (exit 0, store closed), never the signal's default kill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_right_after_readiness_is_a_graceful_stop() {
+    let env = Env::new();
+    for round in 0..5 {
+        let status = env.start_broker().stop_status();
+        assert!(
+            status.success(),
+            "round {round}: SIGTERM right after readiness ended the broker with {status:?}"
+        );
+    }
+}
+
 /// The identity is settled once per connection, at the TLS handshake: a certificate that
 /// our CA signed for another trust domain passes the handshake but is no one here, on
 /// every call; the refusal is audited; and callers on other connections stay themselves.
