@@ -248,26 +248,29 @@ impl Broker {
 
     /// Stops it gracefully and waits.
     pub fn stop(mut self) {
-        self.terminate();
+        let _ = self.terminate();
     }
 
     /// Sends SIGTERM and returns how it ended.
     pub fn stop_status(mut self) -> std::process::ExitStatus {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        self.child.wait().expect("wait for the broker")
+        self.terminate().expect("wait for the broker")
     }
 
-    fn terminate(&mut self) {
+    /// SIGTERM and reap, once: a broker already reaped (stopped, killed, or dropped after
+    /// either) is not signalled again, since its pid may belong to another process by now.
+    fn terminate(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        if let Some(status) = self.child.try_wait()? {
+            return Ok(status);
+        }
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let _ = self.child.wait();
+        self.child.wait()
     }
 }
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        self.terminate();
+        let _ = self.terminate();
     }
 }
 
