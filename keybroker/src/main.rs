@@ -155,9 +155,13 @@ fn main() -> ExitCode {
     tls::install_default_provider();
     let cli = Cli::parse();
     init_tracing(&cli.log_format);
-    // No core dumps, no ptrace by non-root, no key page in swap: this process holds the
-    // KEK and unwrapped keys.
-    nodecrypt_keybroker::process::harden();
+    // No core dumps and no ptrace by non-root, for every command; no key page in swap for
+    // the ones that hold keys (serve: the KEK and unwrapped keys; init: the new KEK). The
+    // others (an operator's admin CLI, pki, audit verify) hold none and stay quiet.
+    match cli.cmd {
+        Cmd::Serve { .. } | Cmd::Init { .. } => nodecrypt_keybroker::process::harden(),
+        _ => nodecrypt_keybroker::process::non_dumpable(),
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

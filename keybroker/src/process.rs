@@ -7,49 +7,32 @@ use nix::sys::resource::{getrlimit, Resource, RLIM_INFINITY};
 /// `CAP_IPC_LOCK`: lock memory past `RLIMIT_MEMLOCK`.
 const CAP_IPC_LOCK: u32 = 14;
 
-/// How much of the hardening took hold.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Hardened {
-    /// No core dumps; no ptrace by non-root.
-    pub non_dumpable: bool,
-    /// All pages, current and future, locked in RAM: key pages are never swapped out.
-    pub memory_locked: bool,
+/// No core dumps, no ptrace by non-root; a failure is logged (warn), never fatal. For
+/// every command; [`harden`] adds memory locking for the ones that hold keys.
+pub fn non_dumpable() {
+    if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+        tracing::warn!(error = %e, "could not make the process non-dumpable");
+    }
 }
 
-/// Makes the process non-dumpable and locks its memory, logging (at warn) whatever could
-/// not be done; never fatal. Call at the top of `main`, once logging is set up.
+/// [`non_dumpable`], and all memory locked (current and future pages), logging (warn)
+/// whatever could not be done; never fatal. Call at the top of `main`, once logging is
+/// set up, in a process that will hold keys.
 ///
 /// Memory is locked only when nothing can run out of lockable memory later: no
 /// `RLIMIT_MEMLOCK` limit, or `CAP_IPC_LOCK`. Under a limit, `MCL_FUTURE` would make
 /// allocations fail, and the process abort, once the limit is reached under load; so
 /// there it stays unlocked and says so (systemd: `LimitMEMLOCK=infinity`).
-pub fn harden() -> Hardened {
-    let non_dumpable = match nix::sys::prctl::set_dumpable(false) {
-        Ok(()) => true,
-        Err(e) => {
-            tracing::warn!(error = %e, "could not make the process non-dumpable");
-            false
-        }
-    };
-    let memory_locked = if let Some(limit) = memlock_limit() {
+pub fn harden() {
+    non_dumpable();
+    if let Some(limit) = memlock_limit() {
         tracing::warn!(
             limit_bytes = limit,
             "memory not locked: RLIMIT_MEMLOCK is limited and CAP_IPC_LOCK is missing, so key \
              pages may be swapped (systemd: LimitMEMLOCK=infinity)"
         );
-        false
-    } else {
-        match mlockall(MlockAllFlags::MCL_CURRENT | MlockAllFlags::MCL_FUTURE) {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!(error = %e, "mlockall failed; key pages may be swapped");
-                false
-            }
-        }
-    };
-    Hardened {
-        non_dumpable,
-        memory_locked,
+    } else if let Err(e) = mlockall(MlockAllFlags::MCL_CURRENT | MlockAllFlags::MCL_FUTURE) {
+        tracing::warn!(error = %e, "mlockall failed; key pages may be swapped");
     }
 }
 
