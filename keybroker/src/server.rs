@@ -72,25 +72,28 @@ fn recorded_kek_id(path: &std::path::Path) -> Result<Option<String>, StoreError>
         Err(redb::DatabaseError::RepairAborted) => {
             let copy = path.with_extension("redb.kek-check");
             let _ = std::fs::remove_file(&copy); // a stale copy of a crash during this check
-            let repaired = (|| {
-                let mut to = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(&copy)?;
-                std::io::copy(&mut std::fs::File::open(path)?, &mut to)?;
-                Ok::<_, std::io::Error>(())
-            })()
-            .map_err(|e| backend(&e))
-            .and_then(|()| {
-                let db = redb::Database::create(&copy).map_err(|e| backend(&e))?;
-                kek_id_in(&db)
-            });
+            let id = private_copy(path, &copy)
+                .map_err(|e| backend(&e))
+                .and_then(|()| {
+                    // Opening read-write repairs the copy.
+                    kek_id_in(&redb::Database::create(&copy).map_err(|e| backend(&e))?)
+                });
             let _ = std::fs::remove_file(&copy);
-            repaired
+            id
         }
         Err(e) => Err(backend(&e)),
     }
+}
+
+/// Copies `from` to a new file `to`, readable by the owner only.
+fn private_copy(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(to)?;
+    std::io::copy(&mut std::fs::File::open(from)?, &mut out)?;
+    Ok(())
 }
 
 /// The KEK id in the store's `meta` table, if any.
