@@ -185,6 +185,9 @@ impl Drop for Broker {
     }
 }
 
+/// A boxed error, as tonic's client traits take it.
+type StdError = Box<dyn std::error::Error + Send + Sync>;
+
 /// The load generator's transport: the generated tonic clients over one HTTP/2
 /// connection driven with `h2` directly. Same TLS 1.3 client config, same HTTP/2 and gRPC
 /// framing as tonic's `Channel`, but a request is sent from the caller's task and its
@@ -203,7 +206,7 @@ mod lean {
     use rustls::pki_types::ServerName;
     use tokio::net::TcpStream;
 
-    type BoxError = Box<dyn std::error::Error + Send + Sync>;
+    use super::StdError;
 
     /// A handle on one HTTP/2 connection; clones share it. (The bench puts its deadline
     /// around each whole call, body and trailers included.)
@@ -218,7 +221,7 @@ mod lean {
         addr: &str,
         tls: Arc<rustls::ClientConfig>,
         deadline: Duration,
-    ) -> Result<H2, BoxError> {
+    ) -> Result<H2, StdError> {
         let connect = async {
             let sock: std::net::SocketAddr = addr.parse()?;
             let tcp = TcpStream::connect(sock).await?;
@@ -233,7 +236,7 @@ mod lean {
                     eprintln!("bench connection {e}");
                 }
             });
-            Ok::<_, BoxError>(H2 { send })
+            Ok::<_, StdError>(H2 { send })
         };
         tokio::time::timeout(deadline, connect)
             .await
@@ -242,10 +245,10 @@ mod lean {
 
     impl tower::Service<http::Request<tonic::body::Body>> for H2 {
         type Response = http::Response<Recv>;
-        type Error = BoxError;
-        type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+        type Error = StdError;
+        type Future = Pin<Box<dyn Future<Output = Result<Self::Response, StdError>> + Send>>;
 
-        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), StdError>> {
             self.send.poll_ready(cx).map_err(Into::into)
         }
 
@@ -266,7 +269,7 @@ mod lean {
                 for (i, d) in data.into_iter().enumerate() {
                     stream.send_data(d, i + 1 == n)?;
                 }
-                Ok::<_, BoxError>(answer.await?.map(|body| Recv {
+                Ok::<_, StdError>(answer.await?.map(|body| Recv {
                     body,
                     data_done: false,
                 }))
@@ -342,8 +345,6 @@ impl<T> Transport for T where
         + 'static
 {
 }
-
-type StdError = Box<dyn std::error::Error + Send + Sync>;
 
 /// One benchmark client: its own connection and node identity, its own volumes.
 #[derive(Clone)]
