@@ -12,8 +12,13 @@
 //!   audit), so `keys/s ÷ health/s` says how much of the transport's capacity a key fetch
 //!   leaves.
 //!
-//! Both with the audit log fsynced before each answer (the default) and without
-//! (`audit_fsync = false`). Writes `target/bench/broker.json` and prints a table.
+//! Each flat out (closed loop: a client sends its next call when the last is answered,
+//! the issue's "64 concurrent clients"), then paced at the goal's 10,000 calls/s offered
+//! in all (open loop by default: each call sent when due, whatever is still in flight;
+//! latency counted from the scheduled send, so a stall is charged to every call it holds
+//! up, where a closed loop would just send fewer). Both with the audit log fsynced before
+//! each answer (the default) and without (`audit_fsync = false`). Writes
+//! `target/bench/broker.json` and prints a table.
 //!
 //! The load generator shares the machine's cores with the broker, so what the clients
 //! spend per call is taken from the broker. By default each client is the generated
@@ -26,7 +31,9 @@
 //! `NODECRYPT_BENCH_CLIENTS` (64), `NODECRYPT_BENCH_VOLUMES` (1024 in all),
 //! `NODECRYPT_BENCH_FSYNC` (`both`, `on` or `off`), `NODECRYPT_BENCH_BROKER` (another
 //! broker binary, for comparing two builds in interleaved runs), `NODECRYPT_BENCH_CLIENT`
-//! (`lean` or `channel`).
+//! (`lean` or `channel`), `NODECRYPT_BENCH_RATE` (the paced phases' calls/s, default the
+//! goal's 10,000), `NODECRYPT_BENCH_PACED` (`open` or `serial`), `NODECRYPT_BENCH_AUDIT_DIR`
+//! (where the audit log goes instead of the state directory: tmpfs, another disk).
 
 use std::fs;
 use std::io::{BufRead, BufReader};
@@ -105,11 +112,21 @@ impl Broker {
             Duration::from_secs(30),
         );
         let config = dir.join(format!("broker-fsync-{fsync}.toml"));
+        // NODECRYPT_BENCH_AUDIT_DIR: the audit log on other storage (tmpfs, another disk),
+        // to see what the flush costs.
+        let audit_log = std::env::var_os("NODECRYPT_BENCH_AUDIT_DIR").map_or(String::new(), |d| {
+            let log = Path::new(&d).join(format!(
+                "nodecrypt-bench-audit-{}-fsync-{fsync}.log",
+                std::process::id()
+            ));
+            let _ = fs::remove_file(&log);
+            format!("audit_log = \"{}\"\n", log.display())
+        });
         fs::write(
             &config,
             format!(
                 "listen = \"127.0.0.1:0\"\ntrust_domain = \"{TRUST_DOMAIN}\"\nstate_dir = \"{}\"\n\
-                 audit_fsync = {fsync}\n\n[tls]\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n",
+                 audit_fsync = {fsync}\n{audit_log}\n[tls]\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n",
                 state.display(),
                 pki.join("broker.pem").display(),
                 pki.join("broker.key").display(),
@@ -360,6 +377,15 @@ enum Call {
     HealthCheck,
 }
 
+/// Percentile `p` (0..=1) of sorted microseconds, in ms.
+fn pct_ms(sorted_us: &[u32], p: f64) -> f64 {
+    if sorted_us.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted_us.len() as f64 - 1.0) * p).round() as usize;
+    sorted_us[i] as f64 / 1000.0
+}
+
 /// What a phase measured.
 struct Stats {
     ops: u64,
@@ -369,6 +395,9 @@ struct Stats {
     client_cpu: Duration,
     /// Latencies in microseconds, sorted.
     lat_us: Vec<u32>,
+    /// Paced phases: how late each send left after its scheduled time (the load
+    /// generator's own timer and scheduling, included in `lat_us`), µs, sorted.
+    lag_us: Vec<u32>,
 }
 
 impl Stats {
@@ -376,11 +405,7 @@ impl Stats {
         self.ops as f64 / self.elapsed.as_secs_f64()
     }
     fn pct_ms(&self, p: f64) -> f64 {
-        if self.lat_us.is_empty() {
-            return f64::NAN;
-        }
-        let i = ((self.lat_us.len() as f64 - 1.0) * p).round() as usize;
-        self.lat_us[i] as f64 / 1000.0
+        pct_ms(&self.lat_us, p)
     }
     fn cpu_us_per_op(&self) -> f64 {
         self.broker_cpu.as_secs_f64() * 1e6 / self.ops.max(1) as f64
@@ -403,6 +428,7 @@ impl Stats {
             "p50_ms": self.pct_ms(0.50),
             "p99_ms": self.pct_ms(0.99),
             "max_ms": self.pct_ms(1.0),
+            "send_lag_p99_ms": pct_ms(&self.lag_us, 0.99),
             "broker_cpu_seconds": self.broker_cpu.as_secs_f64(),
             "broker_cpu_us_per_op": self.cpu_us_per_op(),
             "client_cpu_seconds": self.client_cpu.as_secs_f64(),
@@ -413,74 +439,153 @@ impl Stats {
     }
 }
 
+/// How a phase loads the broker.
+#[derive(Clone, Copy)]
+enum Load {
+    /// Closed loop: each client sends its next call as soon as the last one is answered
+    /// (what the broker sustains flat out; latency is then the queue the 64 clients make).
+    Saturate,
+    /// `calls_per_sec` offered in all, each client sending on its own fixed schedule
+    /// (staggered). Latency is counted from the *scheduled* send, so a call sent late
+    /// because the load generator was held up is charged for the wait (no coordinated
+    /// omission), and the throughput is the scheduled rate only if every call completed.
+    Paced {
+        calls_per_sec: f64,
+        /// One call in flight per client (a caller that waits for each answer), or each
+        /// call sent when due whatever is still in flight on the connection (independent
+        /// callers behind each connection: open loop, HTTP/2 streams side by side).
+        serial: bool,
+    },
+}
+
+/// One call; whether it returned what it should.
+async fn one_call<T: Transport>(c: &mut BenchClient<T>, call: Call, i: usize) -> bool {
+    match call {
+        Call::GetVolumeKey => {
+            let volume_id = c.volumes[i % c.volumes.len()].clone();
+            let req = pb::GetVolumeKeyRequest {
+                volume_id,
+                version: 0,
+            };
+            // The key is dropped unread: only its arrival is measured.
+            let call = c.keys.get_volume_key(req);
+            matches!(tokio::time::timeout(DEADLINE, call).await,
+                Ok(Ok(r)) if r.get_ref().key.len() == 64)
+        }
+        Call::HealthCheck => {
+            let req = HealthCheckRequest {
+                service: String::new(),
+            };
+            let call = c.health.check(req);
+            matches!(tokio::time::timeout(DEADLINE, call).await, Ok(Ok(_)))
+        }
+    }
+}
+
+/// Microseconds since `t0`, saturating.
+fn us_since(t0: Instant) -> u32 {
+    t0.elapsed().as_micros().min(u32::MAX as u128) as u32
+}
+
 async fn phase<T: Transport>(
     broker: &Broker,
     clients: &[BenchClient<T>],
     call: Call,
     dur: Duration,
+    load: Load,
 ) -> Stats {
     let (cpu0, me0) = (broker.cpu(), proc_cpu(std::process::id()));
     let start = Instant::now();
     let end = start + dur;
+    let n = clients.len();
     let tasks: Vec<_> = clients
         .iter()
         .cloned()
-        .map(|mut c| {
+        .enumerate()
+        .map(|(j, mut c)| {
             tokio::spawn(async move {
                 let mut lat = Vec::with_capacity(1 << 16);
+                let mut lag = Vec::new();
                 let mut errors = 0u64;
-                let mut i = 0usize;
-                while Instant::now() < end {
-                    let t0 = Instant::now();
-                    let ok = match call {
-                        Call::GetVolumeKey => {
-                            let volume_id = c.volumes[i % c.volumes.len()].clone();
-                            i += 1;
-                            let req = pb::GetVolumeKeyRequest {
-                                volume_id,
-                                version: 0,
-                            };
-                            // The key is dropped unread: only its arrival is measured.
-                            let call = c.keys.get_volume_key(req);
-                            matches!(tokio::time::timeout(DEADLINE, call).await,
-                                Ok(Ok(r)) if r.get_ref().key.len() == 64)
-                        }
-                        Call::HealthCheck => {
-                            let req = HealthCheckRequest {
-                                service: String::new(),
-                            };
-                            let call = c.health.check(req);
-                            matches!(tokio::time::timeout(DEADLINE, call).await, Ok(Ok(_)))
-                        }
-                    };
+                let mut record = |ok: bool, us: u32| {
                     if ok {
-                        lat.push(t0.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                        lat.push(us);
                     } else {
                         errors += 1;
                     }
+                };
+                match load {
+                    Load::Saturate => {
+                        let mut i = 0;
+                        while Instant::now() < end {
+                            let t0 = Instant::now();
+                            let ok = one_call(&mut c, call, i).await;
+                            record(ok, us_since(t0));
+                            i += 1;
+                        }
+                    }
+                    Load::Paced {
+                        calls_per_sec,
+                        serial,
+                    } => {
+                        // Client j's sends are due at start + (j + k·n) / rate.
+                        let period = Duration::from_secs_f64(n as f64 / calls_per_sec);
+                        let mut due = start + Duration::from_secs_f64(j as f64 / calls_per_sec);
+                        let mut in_flight = Vec::new();
+                        let mut i = 0;
+                        while due < end {
+                            tokio::time::sleep_until(due.into()).await;
+                            lag.push(us_since(due));
+                            if serial {
+                                let ok = one_call(&mut c, call, i).await;
+                                record(ok, us_since(due));
+                            } else {
+                                let (mut c, t0) = (c.clone(), due);
+                                in_flight.push(tokio::spawn(async move {
+                                    let ok = one_call(&mut c, call, i).await;
+                                    (ok, us_since(t0))
+                                }));
+                            }
+                            due += period;
+                            i += 1;
+                        }
+                        for t in in_flight {
+                            let (ok, us) = t.await.expect("call task");
+                            record(ok, us);
+                        }
+                    }
                 }
-                (lat, errors)
+                (lat, lag, errors)
             })
         })
         .collect();
     let mut lat_us = Vec::new();
+    let mut lag_us = Vec::new();
     let mut errors = 0;
     for t in tasks {
-        let (l, e) = t.await.expect("client task");
+        let (l, g, e) = t.await.expect("client task");
         lat_us.extend(l);
+        lag_us.extend(g);
         errors += e;
     }
-    let elapsed = start.elapsed();
+    let finished = start.elapsed();
     let broker_cpu = broker.cpu() - cpu0;
     let client_cpu = proc_cpu(std::process::id()) - me0;
     lat_us.sort_unstable();
+    lag_us.sort_unstable();
     Stats {
         ops: lat_us.len() as u64,
         errors,
-        elapsed,
+        // Paced: the calls scheduled in `dur`, each answered (late ones are charged in
+        // their latency); closed loop: the time it took.
+        elapsed: match load {
+            Load::Saturate => finished,
+            Load::Paced { .. } => dur,
+        },
         broker_cpu,
         client_cpu,
         lat_us,
+        lag_us,
     }
 }
 
@@ -572,18 +677,32 @@ async fn lean_clients(
     clients
 }
 
-/// Creates the volumes, warms up, then measures the health peer and the key fetches.
+/// What one broker run measured: each call flat out, and each paced at the goal rate.
+struct Measured {
+    health: Stats,
+    keys: Stats,
+    health_paced: Stats,
+    keys_paced: Stats,
+}
+
+/// Creates the volumes, warms up, then measures the health peer and the key fetches,
+/// flat out and then `paced`.
 async fn measure<T: Transport>(
     broker: &Broker,
     clients: Vec<BenchClient<T>>,
     dur: Duration,
-) -> (Stats, Stats) {
+    paced: Load,
+) -> Measured {
     create_volumes(&clients).await;
     // Warm-up: connections, handshakes, page cache, allocator.
-    phase(broker, &clients, Call::GetVolumeKey, Duration::from_secs(1)).await;
-    let health = phase(broker, &clients, Call::HealthCheck, dur).await;
-    let keys = phase(broker, &clients, Call::GetVolumeKey, dur).await;
-    (health, keys)
+    let warm = Duration::from_secs(1);
+    phase(broker, &clients, Call::GetVolumeKey, warm, Load::Saturate).await;
+    Measured {
+        health: phase(broker, &clients, Call::HealthCheck, dur, Load::Saturate).await,
+        keys: phase(broker, &clients, Call::GetVolumeKey, dur, Load::Saturate).await,
+        health_paced: phase(broker, &clients, Call::HealthCheck, dur, paced).await,
+        keys_paced: phase(broker, &clients, Call::GetVolumeKey, dur, paced).await,
+    }
 }
 
 async fn create_volumes<T: Transport>(clients: &[BenchClient<T>]) {
@@ -623,7 +742,7 @@ fn loadavg_1m() -> f64 {
 
 fn row(name: &str, s: &Stats, cpus: usize) {
     println!(
-        "  {name:<14} {:>8.0} {:>7.2} {:>7.2} {:>8.2} {:>6} {:>12.1} {:>12.1} {:>9.0}",
+        "  {name:<20} {:>8.0} {:>7.2} {:>7.2} {:>8.2} {:>6} {:>12.1} {:>12.1} {:>9.0}",
         s.per_sec(),
         s.pct_ms(0.50),
         s.pct_ms(0.99),
@@ -641,6 +760,16 @@ fn main() {
     let n_clients = env_or("NODECRYPT_BENCH_CLIENTS", 64) as usize;
     let n_volumes = env_or("NODECRYPT_BENCH_VOLUMES", 1024) as usize;
     let dur = Duration::from_secs(seconds);
+    let rate = env_or("NODECRYPT_BENCH_RATE", GOAL_KEYS_PER_SEC as u64) as f64;
+    let serial = match std::env::var("NODECRYPT_BENCH_PACED").as_deref() {
+        Ok("open") | Err(_) => false,
+        Ok("serial") => true,
+        Ok(other) => panic!("NODECRYPT_BENCH_PACED={other:?}: use open or serial"),
+    };
+    let paced = Load::Paced {
+        calls_per_sec: rate,
+        serial,
+    };
 
     tls::install_default_provider();
     let profile = profile_dir();
@@ -697,24 +826,24 @@ fn main() {
     let mut goal_met = None;
     for &fsync in fsync_modes {
         let broker = Broker::start(&bin, dir.path(), fsync);
-        let (health, keys) = match kind {
+        let m = match kind {
             ClientKind::Lean => rt.block_on(async {
                 let clients = lean_clients(dir.path(), &broker, n_clients, n_volumes).await;
-                measure(&broker, clients, dur).await
+                measure(&broker, clients, dur, paced).await
             }),
             ClientKind::Channel => {
                 let clients = {
                     let _rt = rt.enter(); // lazy channels spawn their connection task on it
                     channel_clients(dir.path(), &broker, n_clients, n_volumes)
                 };
-                rt.block_on(measure(&broker, clients, dur))
+                rt.block_on(measure(&broker, clients, dur, paced))
             }
         };
         drop(broker);
-        let ratio = keys.per_sec() / health.per_sec();
+        let ratio = m.keys.per_sec() / m.health.per_sec();
         println!("\naudit_fsync = {fsync}");
         println!(
-            "  {:<14} {:>8} {:>7} {:>7} {:>8} {:>6} {:>12} {:>12} {:>9}",
+            "  {:<20} {:>8} {:>7} {:>7} {:>8} {:>6} {:>12} {:>12} {:>9}",
             "call",
             "per s",
             "p50 ms",
@@ -725,24 +854,41 @@ fn main() {
             "client µs/op",
             "ceiling/s"
         );
-        row("GetVolumeKey", &keys, cpus);
-        row("Health/Check", &health, cpus);
+        row("GetVolumeKey", &m.keys, cpus);
+        row("Health/Check", &m.health, cpus);
+        let at = format!("@ {rate:.0}/s");
+        row(&format!("GetVolumeKey {at}"), &m.keys_paced, cpus);
+        row(&format!("Health/Check {at}"), &m.health_paced, cpus);
         println!(
-            "  keys/s ÷ health/s = {ratio:.2}   (1-min load average after the phases: {:.1})",
+            "  flat out: keys/s ÷ health/s = {ratio:.2}; paced {at}: keys p99 ÷ health p99 = {:.2} \
+             (send lag p99 {:.2} / {:.2} ms); 1-min load average after: {:.1}",
+            m.keys_paced.pct_ms(0.99) / m.health_paced.pct_ms(0.99),
+            pct_ms(&m.keys_paced.lag_us, 0.99),
+            pct_ms(&m.health_paced.lag_us, 0.99),
             loadavg_1m()
         );
-        let met = keys.per_sec() >= GOAL_KEYS_PER_SEC
-            && keys.pct_ms(0.99) <= GOAL_P99_MS
-            && keys.errors == 0;
+        // The goal as the issue states it: 64 concurrent clients (closed loop) get
+        // ≥ 10,000 keys/s with p99 ≤ 10 ms. And the stricter reading beside it: with
+        // 10,000 keys/s offered (paced, latency from the scheduled send), p99 ≤ 10 ms.
+        let met = m.keys.per_sec() >= GOAL_KEYS_PER_SEC
+            && m.keys.pct_ms(0.99) <= GOAL_P99_MS
+            && m.keys.errors == 0;
+        let met_paced = rate >= GOAL_KEYS_PER_SEC
+            && m.keys_paced.pct_ms(0.99) <= GOAL_P99_MS
+            && m.keys_paced.errors == 0;
         if fsync {
-            goal_met = Some(met);
+            goal_met = Some((met, met_paced));
         }
         runs.push(json!({
             "audit_fsync": fsync,
-            "get_volume_key": keys.json(cpus),
-            "health_check": health.json(cpus),
+            "get_volume_key": m.keys.json(cpus),
+            "health_check": m.health.json(cpus),
+            "paced_calls_per_sec": rate,
+            "get_volume_key_paced": m.keys_paced.json(cpus),
+            "health_check_paced": m.health_paced.json(cpus),
             "keys_per_health": ratio,
             "goal_met": met,
+            "goal_met_paced": met_paced,
         }));
     }
     let report = json!({
@@ -751,10 +897,12 @@ fn main() {
         "client_transport": kind.name(),
         "volumes": n_volumes,
         "seconds_per_phase": seconds,
+        "paced_calls_per_sec": rate,
         "cpus": cpus,
         "loadavg_at_start": loadavg.trim(),
         "goal": {"keys_per_sec": GOAL_KEYS_PER_SEC, "p99_ms": GOAL_P99_MS,
-                 "met_with_default_config": goal_met},
+                 "met_with_default_config": goal_met.map(|g| g.0),
+                 "met_paced_with_default_config": goal_met.map(|g| g.1)},
         "runs": runs,
     });
     let out = profile.parent().expect("target dir").join("bench");
@@ -762,13 +910,18 @@ fn main() {
     let path = out.join("broker.json");
     fs::write(&path, serde_json::to_string_pretty(&report).unwrap() + "\n")
         .expect("write broker.json");
+    let verdict = |m: Option<bool>| match m {
+        Some(true) => "met",
+        Some(false) => "NOT met",
+        None => "not run (audit_fsync = true is the default)",
+    };
     println!(
-        "\ngoal (≥ {GOAL_KEYS_PER_SEC} keys/s, p99 ≤ {GOAL_P99_MS} ms, default config): {}",
-        if goal_met == Some(true) {
-            "met"
-        } else {
-            "NOT met"
-        }
+        "\ngoal, default config: {} keys/s with p99 ≤ {GOAL_P99_MS} ms from {n_clients} \
+         concurrent clients: {}; p99 ≤ {GOAL_P99_MS} ms with {} keys/s offered: {}",
+        GOAL_KEYS_PER_SEC,
+        verdict(goal_met.map(|g| g.0)),
+        GOAL_KEYS_PER_SEC,
+        verdict(goal_met.map(|g| g.1)),
     );
     println!(
         "ceiling/s: what {cpus} otherwise idle cores would sustain at the measured CPU cost per \
