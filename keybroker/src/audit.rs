@@ -388,4 +388,80 @@ mod tests {
         assert_eq!(err.line, 3, "{err}");
         assert!(err.what.contains("chain broken"), "{err}");
     }
+
+    /// A tmpfs of `pages` pages mounted on a temporary directory (root only), unmounted
+    /// on drop.
+    struct TinyFs {
+        dir: tempfile::TempDir,
+    }
+
+    impl TinyFs {
+        fn mount(pages: usize) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let out = std::process::Command::new("mount")
+                .args([
+                    "-t",
+                    "tmpfs",
+                    "-o",
+                    &format!("size={}k", pages * 4),
+                    "tmpfs",
+                ])
+                .arg(dir.path())
+                .output()
+                .expect("run mount");
+            assert!(
+                out.status.success(),
+                "this test mounts a tmpfs and must run as root: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Self { dir }
+        }
+    }
+
+    impl Drop for TinyFs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(self.dir.path())
+                .status();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_the_disk_cannot_take_is_cut_off_and_the_chain_goes_on() {
+        // Two pages: the log's first page, and one the filler takes.
+        let fs_ = TinyFs::mount(2);
+        let path = fs_.dir.path().join("audit.log");
+        let log = AuditLog::open(&path, true).unwrap();
+        log.record(ev("First")).await.unwrap();
+        let whole = fs::metadata(&path).unwrap().len();
+        let filler = fs_.dir.path().join("filler");
+        fs::write(&filler, vec![0u8; 4096]).unwrap();
+
+        // A line longer than what is left of the log's page: part of it is written, then
+        // ENOSPC. The caller is told, and the part that reached the file is cut off.
+        let mut big = ev("Big");
+        big.detail = Some("x".repeat(6000));
+        let e = log.record(big).await.unwrap_err();
+        assert!(e.to_string().contains("No space left"), "{e}");
+        assert_eq!(
+            fs::metadata(&path).unwrap().len(),
+            whole,
+            "the torn batch is cut off"
+        );
+        assert_eq!(verify(&path).unwrap(), 1);
+
+        // Space again: the next line takes the sequence number the failed one did not
+        // keep, and the chain verifies, also after a reopen.
+        fs::remove_file(&filler).unwrap();
+        log.record(ev("Second")).await.unwrap();
+        assert_eq!(verify(&path).unwrap(), 2);
+        let text = fs::read_to_string(&path).unwrap();
+        assert!(text.lines().nth(1).unwrap().contains("\"seq\":2"), "{text}");
+        assert!(!text.contains("Big"), "{text}");
+        drop(log);
+        let log = AuditLog::open(&path, true).unwrap();
+        log.record(ev("Third")).await.unwrap();
+        assert_eq!(verify(&path).unwrap(), 3);
+    }
 }
