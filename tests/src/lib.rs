@@ -274,6 +274,23 @@ impl Drop for Broker {
     }
 }
 
+/// Asserts two keys are equal without printing either (`assert_eq!` would put the key
+/// bytes in the test log when it fails).
+pub fn assert_same_key(what: &str, got: &[u8], want: &[u8]) {
+    assert!(
+        got == want,
+        "{what}: the keys differ ({} and {} bytes; first difference at byte {:?})",
+        got.len(),
+        want.len(),
+        got.iter().zip(want).position(|(a, b)| a != b)
+    );
+}
+
+/// Asserts two keys differ, without printing them.
+pub fn assert_other_key(what: &str, a: &[u8], b: &[u8]) {
+    assert!(a != b, "{what}: the same {}-byte key twice", a.len());
+}
+
 /// Asserts that none of `keys` appears in `haystack` raw, as lower or upper hex, or as
 /// any 16-byte window of the key (partial leaks).
 pub fn assert_no_key_material(what: &str, haystack: &[u8], keys: &[Vec<u8>]) {

@@ -8,7 +8,9 @@ use nodecrypt_keybroker::store::redb::{RedbStore, STORE_FILE};
 use nodecrypt_keybroker::store::KeyStore;
 use nodecrypt_keybroker::tls;
 use nodecrypt_proto::keybroker::v1 as pb;
-use nodecrypt_tests::{assert_no_key_material, bin, client_for, run_ok, Env};
+use nodecrypt_tests::{
+    assert_no_key_material, assert_other_key, assert_same_key, bin, client_for, run_ok, Env,
+};
 use sha2::{Digest, Sha256};
 use tonic::Code;
 
@@ -76,7 +78,7 @@ async fn every_rpc_round_trips_and_keys_survive_a_restart() {
         .unwrap()
         .into_inner();
     assert_eq!(k2.version, 2);
-    assert_ne!(k2.key, k1.key);
+    assert_other_key("a rotation", &k2.key, &k1.key);
     let k2b = n1.rotate_volume_key(rot).await.unwrap().into_inner();
     assert_eq!(
         (k2b.version, &k2b.key),
@@ -617,7 +619,7 @@ async fn a_killed_broker_restarts_and_still_checks_its_kek() {
             .await
             .unwrap()
             .into_inner();
-        assert_eq!(got.key, key);
+        assert_same_key("after a kill -9", &got.key, &key);
         broker.kill9();
     }
 }
@@ -892,7 +894,7 @@ async fn a_certificate_for_another_trust_domain_is_no_one() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(again.key, k.key);
+    assert_same_key("after the restart", &again.key, &k.key);
     broker.stop();
 
     let audit = fs::read_to_string(env.state().join("audit.log")).unwrap();
@@ -961,7 +963,7 @@ async fn the_broker_locks_its_memory_or_says_why_not_and_serves_either_way() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(fetched.key, created.key);
+    assert_same_key("under a memlock limit", &fetched.key, &created.key);
     let log = fs::read_to_string(&limited.log).unwrap();
     assert!(
         log.contains("memory not locked: RLIMIT_MEMLOCK is limited"),
