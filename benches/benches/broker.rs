@@ -101,6 +101,8 @@ fn kill(pid: u32, sig: nix::sys::signal::Signal) {
 struct Broker {
     child: Option<Child>,
     addr: String,
+    /// An audit log outside the bench's temporary directory, removed on drop.
+    audit_log: Option<PathBuf>,
 }
 
 impl Broker {
@@ -114,19 +116,22 @@ impl Broker {
         let config = dir.join(format!("broker-fsync-{fsync}.toml"));
         // NODECRYPT_BENCH_AUDIT_DIR: the audit log on other storage (tmpfs, another disk),
         // to see what the flush costs.
-        let audit_log = std::env::var_os("NODECRYPT_BENCH_AUDIT_DIR").map_or(String::new(), |d| {
+        let audit_log = std::env::var_os("NODECRYPT_BENCH_AUDIT_DIR").map(|d| {
             let log = Path::new(&d).join(format!(
                 "nodecrypt-bench-audit-{}-fsync-{fsync}.log",
                 std::process::id()
             ));
             let _ = fs::remove_file(&log);
-            format!("audit_log = \"{}\"\n", log.display())
+            log
+        });
+        let audit_line = audit_log.as_ref().map_or(String::new(), |l| {
+            format!("audit_log = \"{}\"\n", l.display())
         });
         fs::write(
             &config,
             format!(
                 "listen = \"127.0.0.1:0\"\ntrust_domain = \"{TRUST_DOMAIN}\"\nstate_dir = \"{}\"\n\
-                 audit_fsync = {fsync}\n{audit_log}\n[tls]\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n",
+                 audit_fsync = {fsync}\n{audit_line}\n[tls]\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n",
                 state.display(),
                 pki.join("broker.pem").display(),
                 pki.join("broker.key").display(),
@@ -153,6 +158,7 @@ impl Broker {
         let mut broker = Self {
             child: Some(child),
             addr: String::new(),
+            audit_log,
         };
         let ready: serde_json::Value = serde_json::from_str(&line)
             .unwrap_or_else(|_| panic!("broker did not become ready; see {}", dir.display()));
@@ -198,6 +204,9 @@ impl Drop for Broker {
         });
         if rx.recv_timeout(Duration::from_secs(10)).is_err() {
             kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        if let Some(log) = &self.audit_log {
+            let _ = fs::remove_file(log);
         }
     }
 }
