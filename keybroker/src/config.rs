@@ -26,6 +26,14 @@ pub struct Config {
     /// power loss).
     #[serde(default = "yes")]
     pub audit_fsync: bool,
+    /// Group commit: while more than one call waits on the audit log, its batch is held
+    /// open for up to this many microseconds so that the calls arriving meanwhile share
+    /// one fsync (default 1000; 0 never holds one). Every call is still answered only
+    /// once its own line is durable; a lone call is never held. An fsync costs about as
+    /// much CPU as a whole key fetch, so under load this is what keeps the audit log from
+    /// halving the broker's capacity (README, "Key broker" benchmark).
+    #[serde(default = "commit_delay_us")]
+    pub audit_commit_delay_us: u64,
     /// The broker's certificate and key, and the CA client certificates must chain to.
     pub tls: TlsFiles,
     /// A TLS handshake that takes longer is dropped (default 10 s).
@@ -38,6 +46,12 @@ pub struct Config {
 
 fn yes() -> bool {
     true
+}
+/// The longest group-commit delay a configuration may ask for.
+pub const MAX_COMMIT_DELAY_US: u64 = 100_000;
+
+fn commit_delay_us() -> u64 {
+    1000
 }
 fn handshake_ms() -> u64 {
     10_000
@@ -65,6 +79,13 @@ impl Config {
         };
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
         let cfg: Config = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+        if cfg.audit_commit_delay_us > MAX_COMMIT_DELAY_US {
+            return Err(err(format!(
+                "audit_commit_delay_us = {} is more than {MAX_COMMIT_DELAY_US} (100 ms): every \
+                 call made under load would wait that long for its audit line",
+                cfg.audit_commit_delay_us
+            )));
+        }
         if cfg.trust_domain.is_empty() || cfg.trust_domain.contains('/') {
             return Err(err(format!(
                 "trust_domain {:?} is not a domain name",
@@ -74,10 +95,60 @@ impl Config {
         Ok(cfg)
     }
 
+    /// The audit log's group-commit delay.
+    pub fn audit_commit_delay(&self) -> std::time::Duration {
+        std::time::Duration::from_micros(self.audit_commit_delay_us)
+    }
+
     /// The audit log path.
     pub fn audit_path(&self) -> PathBuf {
         self.audit_log
             .clone()
             .unwrap_or_else(|| self.state_dir.join("audit.log"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(extra: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("broker.toml");
+        std::fs::write(
+            &path,
+            format!(
+                "listen = \"127.0.0.1:0\"\ntrust_domain = \"t\"\nstate_dir = \"/s\"\n{extra}\n\
+                 [tls]\ncert = \"c\"\nkey = \"k\"\nca = \"a\"\n"
+            ),
+        )
+        .unwrap();
+        Config::load(&path)
+    }
+
+    #[test]
+    fn audit_defaults_are_durable_with_a_bounded_commit_delay() {
+        let cfg = load("").unwrap();
+        assert!(cfg.audit_fsync);
+        assert_eq!(
+            cfg.audit_commit_delay(),
+            std::time::Duration::from_millis(1)
+        );
+        assert_eq!(
+            load("audit_commit_delay_us = 0")
+                .unwrap()
+                .audit_commit_delay_us,
+            0
+        );
+    }
+
+    #[test]
+    fn a_commit_delay_over_100_ms_is_refused() {
+        let e = load("audit_commit_delay_us = 100001").unwrap_err();
+        assert!(
+            e.to_string().contains("audit_commit_delay_us = 100001"),
+            "{e}"
+        );
+        assert!(load("audit_commit_delay_us = 100000").is_ok());
     }
 }

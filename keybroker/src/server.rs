@@ -215,7 +215,7 @@ pub const DRAIN_LIMIT: Duration = Duration::from_secs(5);
 pub async fn bind(cfg: Config) -> Result<Bound, ServeError> {
     let tls = Arc::new(tls::server_config(&cfg.tls)?);
     let (kek, store) = open_state(&cfg).await?;
-    let audit = AuditLog::open(&cfg.audit_path(), cfg.audit_fsync)?;
+    let audit = AuditLog::open(&cfg.audit_path(), cfg.audit_fsync, cfg.audit_commit_delay())?;
     let listener = TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| ServeError::Io(format!("cannot listen on {}: {e}", cfg.listen)))?;

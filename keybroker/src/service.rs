@@ -104,16 +104,19 @@ fn destroyed(rec: &VolumeRecord) -> Option<Status> {
 }
 
 /// Volume ids from the wire may be anything; the audit log keeps a bounded, printable form.
-fn audit_safe(s: &str) -> String {
+fn audit_safe(s: &str) -> Arc<str> {
+    if s.len() <= 128 && !s.chars().any(char::is_control) {
+        return s.into();
+    }
     let clean: String = s
         .chars()
         .take(128)
         .map(|c| if c.is_control() { '?' } else { c })
         .collect();
     if s.chars().count() > 128 {
-        format!("{clean}…")
+        format!("{clean}…").into()
     } else {
-        clean
+        clean.into()
     }
 }
 
@@ -172,7 +175,7 @@ impl Broker {
         rpc: &'static str,
         access: Access,
         req: Request<Req>,
-        volume_id: impl Fn(&Req) -> String,
+        volume_id: impl Fn(&Req) -> &str,
         op: F,
     ) -> Result<Response<T>, Status>
     where
@@ -182,16 +185,19 @@ impl Broker {
         let peer = req.extensions().get::<Peer>().cloned();
         let caller = Self::caller(peer.as_ref());
         let inner = req.into_inner();
-        let vid = audit_safe(&volume_id(&inner));
-        // Who, as the span, the log and the audit line name it (borrowed from the
-        // connection's Peer; copied once, into the audit line).
-        let who: std::borrow::Cow<'_, str> = match &caller {
-            Ok((_, spiffe)) => (*spiffe).into(),
-            Err(e) => format!("unauthenticated: {}", e.message()).into(),
-        };
-        let addr = match (&caller, &peer) {
-            (Ok(_), Some(p)) => p.addr().to_string(),
-            _ => String::new(),
+        let vid = audit_safe(volume_id(&inner));
+        // Who, as the span, the log and the audit line name it: shared with the
+        // connection's Peer, so naming the caller copies nothing.
+        let (who, addr): (Arc<str>, Arc<str>) = match (&caller, &peer) {
+            (Ok(_), Some(p)) => (
+                p.spiffe_shared().unwrap_or_else(|| "".into()),
+                p.addr_shared(),
+            ),
+            (Err(e), _) => (
+                format!("unauthenticated: {}", e.message()).into(),
+                "".into(),
+            ),
+            (Ok(_), None) => ("".into(), "".into()),
         };
         // A span per request. Calls that change state get it at info level (what they log
         // inside is a state change a human wants to see, with its volume and peer); reads
@@ -215,12 +221,12 @@ impl Broker {
             Err(s) => s.code(),
         };
         let event = AuditEvent {
-            peer: who.to_string(),
+            peer: who.clone(),
             peer_addr: addr,
-            rpc: rpc.to_string(),
+            rpc,
             volume_id: vid.clone(),
             version: outcome.version,
-            result: code_name(code).to_string(),
+            result: code_name(code),
             detail: outcome.detail.clone(),
         };
         if let Err(e) = self.audit.record(event).await {
@@ -557,7 +563,7 @@ impl KeyBroker for Broker {
             "CreateVolumeKey",
             Access::Change,
             req,
-            |r| r.volume_id.clone(),
+            |r| &r.volume_id,
             |c, r| async move { Outcome::of(self.create(&c, &r).await) },
         )
         .await
@@ -571,7 +577,7 @@ impl KeyBroker for Broker {
             "GetVolumeKey",
             Access::Read,
             req,
-            |r| r.volume_id.clone(),
+            |r| &r.volume_id,
             |c, r| async move {
                 let mut o = Outcome::of(self.get(&c, &r).await);
                 o.version = o.version.or(Some(r.version));
@@ -589,7 +595,7 @@ impl KeyBroker for Broker {
             "RotateVolumeKey",
             Access::Change,
             req,
-            |r| r.volume_id.clone(),
+            |r| &r.volume_id,
             |c, r| async move { Outcome::of(self.rotate(&c, &r).await) },
         )
         .await
@@ -603,7 +609,7 @@ impl KeyBroker for Broker {
             "RetireVolumeKeyVersion",
             Access::Change,
             req,
-            |r| r.volume_id.clone(),
+            |r| &r.volume_id,
             |c, r| async move {
                 let mut o = Outcome::of(self.retire(&c, &r).await);
                 o.version = Some(r.version);
@@ -621,7 +627,7 @@ impl KeyBroker for Broker {
             "DestroyVolumeKey",
             Access::Change,
             req,
-            |r| r.volume_id.clone(),
+            |r| &r.volume_id,
             |c, r| async move {
                 let mut o = Outcome::of(self.destroy(&c, &r).await);
                 if o.result.is_ok() && !r.reason.is_empty() {
@@ -641,7 +647,7 @@ impl KeyBroker for Broker {
             "RebindVolumeKey",
             Access::Change,
             req,
-            |r| r.volume_id.clone(),
+            |r| &r.volume_id,
             |c, r| async move {
                 let mut o = Outcome::of(self.rebind(&c, &r).await);
                 if o.result.is_ok() {
@@ -661,7 +667,7 @@ impl KeyBroker for Broker {
             "ListVolumeKeys",
             Access::Read,
             req,
-            |_| String::new(),
+            |_| "",
             |c, r| async move {
                 Outcome::of(
                     async {
@@ -699,7 +705,7 @@ impl KeyBroker for Broker {
             "DescribeVolume",
             Access::Read,
             req,
-            |r| r.volume_id.clone(),
+            |r| &r.volume_id,
             |c, r| async move {
                 Outcome::of(
                     async {

@@ -128,8 +128,8 @@ pub struct Peer(Arc<PeerInner>);
 
 #[derive(Debug)]
 struct PeerInner {
-    addr: String,
-    identity: Result<(Identity, String), IdentityError>,
+    addr: Arc<str>,
+    identity: Result<(Identity, Arc<str>), IdentityError>,
 }
 
 impl Peer {
@@ -141,11 +141,11 @@ impl Peer {
             .ok_or(IdentityError::NoCertificate)
             .and_then(|leaf| identity::from_cert_der(leaf, trust_domain))
             .map(|id| {
-                let spiffe = id.spiffe_id(trust_domain);
+                let spiffe = id.spiffe_id(trust_domain).into();
                 (id, spiffe)
             });
         Self(Arc::new(PeerInner {
-            addr: addr.to_string(),
+            addr: addr.to_string().into(),
             identity,
         }))
     }
@@ -153,6 +153,16 @@ impl Peer {
     /// The peer's socket address, as text.
     pub fn addr(&self) -> &str {
         &self.0.addr
+    }
+
+    /// The peer's socket address, shared (a reference count, no copy).
+    pub fn addr_shared(&self) -> Arc<str> {
+        self.0.addr.clone()
+    }
+
+    /// The peer's SPIFFE id, shared, if its certificate carries one of this trust domain.
+    pub fn spiffe_shared(&self) -> Option<Arc<str>> {
+        self.0.identity.as_ref().ok().map(|(_, s)| s.clone())
     }
 
     /// The peer's identity and its SPIFFE id, or why its certificate carries none.
