@@ -33,7 +33,9 @@
 //! broker binary, for comparing two builds in interleaved runs), `NODECRYPT_BENCH_CLIENT`
 //! (`lean` or `channel`), `NODECRYPT_BENCH_RATE` (the paced phases' calls/s, default the
 //! goal's 10,000), `NODECRYPT_BENCH_PACED` (`open` or `serial`), `NODECRYPT_BENCH_AUDIT_DIR`
-//! (where the audit log goes instead of the state directory: tmpfs, another disk).
+//! (where the audit log goes instead of the state directory: tmpfs, another disk),
+//! `NODECRYPT_BENCH_COMMIT_DELAY_US` (the audit log's group-commit delay; default the
+//! broker's).
 
 use std::fs;
 use std::io::{BufRead, BufReader};
@@ -124,9 +126,17 @@ impl Broker {
             let _ = fs::remove_file(&log);
             log
         });
-        let audit_line = audit_log.as_ref().map_or(String::new(), |l| {
+        let mut audit_line = audit_log.as_ref().map_or(String::new(), |l| {
             format!("audit_log = \"{}\"\n", l.display())
         });
+        // NODECRYPT_BENCH_COMMIT_DELAY_US: the audit log's group-commit delay (the
+        // broker's default when unset).
+        if let Ok(us) = std::env::var("NODECRYPT_BENCH_COMMIT_DELAY_US") {
+            let us: u64 = us
+                .parse()
+                .unwrap_or_else(|_| panic!("NODECRYPT_BENCH_COMMIT_DELAY_US={us:?}: microseconds"));
+            audit_line.push_str(&format!("audit_commit_delay_us = {us}\n"));
+        }
         fs::write(
             &config,
             format!(
@@ -834,6 +844,7 @@ fn main() {
     let mut runs = Vec::new();
     // The verdicts of the default config's run (audit fsync on): closed loop, paced.
     let (mut goal_met, mut goal_met_paced) = (None, None);
+    let (mut peer_goal_met, mut peer_goal_met_paced) = (None, None);
     for &fsync in fsync_modes {
         let broker = Broker::start(&bin, dir.path(), fsync);
         let m = match kind {
@@ -886,8 +897,18 @@ fn main() {
         let met_paced = rate >= GOAL_KEYS_PER_SEC
             && m.keys_paced.pct_ms(0.99) <= GOAL_P99_MS
             && m.keys_paced.errors == 0;
+        // The floor: the same goal applied to the no-op peer on the same connections in
+        // the same run. Where a call that does nothing misses it, so must any key fetch,
+        // and the miss belongs to the machine and the transport, not to the broker.
+        let peer_met = m.health.per_sec() >= GOAL_KEYS_PER_SEC
+            && m.health.pct_ms(0.99) <= GOAL_P99_MS
+            && m.health.errors == 0;
+        let peer_met_paced = rate >= GOAL_KEYS_PER_SEC
+            && m.health_paced.pct_ms(0.99) <= GOAL_P99_MS
+            && m.health_paced.errors == 0;
         if fsync {
             (goal_met, goal_met_paced) = (Some(met), Some(met_paced));
+            (peer_goal_met, peer_goal_met_paced) = (Some(peer_met), Some(peer_met_paced));
         }
         runs.push(json!({
             "audit_fsync": fsync,
@@ -899,6 +920,8 @@ fn main() {
             "keys_per_health": ratio,
             "goal_met": met,
             "goal_met_paced": met_paced,
+            "peer_goal_met": peer_met,
+            "peer_goal_met_paced": peer_met_paced,
         }));
     }
     let report = json!({
@@ -912,7 +935,9 @@ fn main() {
         "loadavg_at_start": loadavg.trim(),
         "goal": {"keys_per_sec": GOAL_KEYS_PER_SEC, "p99_ms": GOAL_P99_MS,
                  "met_with_default_config": goal_met,
-                 "met_paced_with_default_config": goal_met_paced},
+                 "met_paced_with_default_config": goal_met_paced,
+                 "no_op_peer_met": peer_goal_met,
+                 "no_op_peer_met_paced": peer_goal_met_paced},
         "runs": runs,
     });
     let out = profile.parent().expect("target dir").join("bench");
@@ -931,6 +956,12 @@ fn main() {
          keys/s offered: {}",
         verdict(goal_met),
         verdict(goal_met_paced),
+    );
+    println!(
+        "the same goal for the no-op peer (Health/Check, same connections, same run): {}; \
+         paced: {}",
+        verdict(peer_goal_met),
+        verdict(peer_goal_met_paced),
     );
     println!(
         "ceiling/s: what {cpus} otherwise idle cores would sustain at the measured CPU cost per \
