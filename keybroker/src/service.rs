@@ -156,8 +156,8 @@ impl Broker {
     }
 
     /// The caller, from the identity its connection established at the TLS handshake.
-    /// Also returns its SPIFFE id, borrowed from the peer.
-    fn caller(peer: Option<&Peer>) -> Result<(Caller, &str), Status> {
+    /// Also returns its SPIFFE id, shared with the peer.
+    fn caller(peer: Option<&Peer>) -> Result<(Caller, Arc<str>), Status> {
         let peer = peer.ok_or_else(|| Status::unauthenticated("no client certificate"))?;
         let (identity, spiffe) = peer.identity().map_err(|e| match e {
             IdentityError::NoCertificate => Status::unauthenticated(e.to_string()),
@@ -166,7 +166,7 @@ impl Broker {
         let caller = Caller {
             identity: identity.clone(),
         };
-        Ok((caller, spiffe))
+        Ok((caller, spiffe.clone()))
     }
 
     /// Runs one RPC: identifies the caller, runs `op` in a span, audits, answers.
@@ -188,16 +188,15 @@ impl Broker {
         let vid = audit_safe(volume_id(&inner));
         // Who, as the span, the log and the audit line name it: shared with the
         // connection's Peer, so naming the caller copies nothing.
-        let (who, addr): (Arc<str>, Arc<str>) = match (&caller, &peer) {
-            (Ok(_), Some(p)) => (
-                p.spiffe_shared().unwrap_or_else(|| "".into()),
-                p.addr_shared(),
+        let (who, addr): (Arc<str>, Arc<str>) = match &caller {
+            Ok((_, spiffe)) => (
+                spiffe.clone(),
+                peer.as_ref().map_or_else(|| "".into(), Peer::addr_shared),
             ),
-            (Err(e), _) => (
+            Err(e) => (
                 format!("unauthenticated: {}", e.message()).into(),
                 "".into(),
             ),
-            (Ok(_), None) => ("".into(), "".into()),
         };
         // A span per request. Calls that change state get it at info level (what they log
         // inside is a state change a human wants to see, with its volume and peer); reads

@@ -160,13 +160,9 @@ impl Peer {
         self.0.addr.clone()
     }
 
-    /// The peer's SPIFFE id, shared, if its certificate carries one of this trust domain.
-    pub fn spiffe_shared(&self) -> Option<Arc<str>> {
-        self.0.identity.as_ref().ok().map(|(_, s)| s.clone())
-    }
-
-    /// The peer's identity and its SPIFFE id, or why its certificate carries none.
-    pub fn identity(&self) -> Result<(&Identity, &str), &IdentityError> {
+    /// The peer's identity and its SPIFFE id (shared: clone it to keep it, a reference
+    /// count), or why its certificate carries none.
+    pub fn identity(&self) -> Result<(&Identity, &Arc<str>), &IdentityError> {
         match &self.0.identity {
             Ok((id, spiffe)) => Ok((id, spiffe)),
             Err(e) => Err(e),
