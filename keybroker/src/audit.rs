@@ -27,7 +27,7 @@ pub const GENESIS: &str = "00000000000000000000000000000000000000000000000000000
 
 /// One key operation, as recorded. The peer's names are shared with its connection and
 /// the rpc and result names are static, so recording a call copies no string but the
-/// volume id it was given.
+/// volume id it was given (and a refusal's message, moved in).
 #[derive(Clone, Debug, Serialize)]
 pub struct AuditEvent {
     /// The caller's SPIFFE id (or "unauthenticated: <why>").
@@ -289,8 +289,10 @@ impl AuditLog {
                         }
                     };
                     for (event, reply) in batch.drain(..) {
-                        // The caller holds the last reference to the event's strings, so
-                        // they are freed on the thread that allocated them.
+                        // Dropped before the reply: the caller still holds its own
+                        // references to the shared strings (volume id, peer), so their
+                        // last reference and the free stay on its thread. A refusal's
+                        // detail, owned by the event, is freed here.
                         drop(event);
                         let _ = reply.send(outcome.clone());
                     }

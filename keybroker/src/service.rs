@@ -215,7 +215,12 @@ impl Broker {
                 detail: None,
             },
         };
-        let code = match &outcome.result {
+        let Outcome {
+            result,
+            version,
+            detail,
+        } = outcome;
+        let code = match &result {
             Ok(_) => Code::Ok,
             Err(s) => s.code(),
         };
@@ -224,9 +229,9 @@ impl Broker {
             peer_addr: addr,
             rpc,
             volume_id: vid.clone(),
-            version: outcome.version,
+            version,
             result: code_name(code),
-            detail: outcome.detail.clone(),
+            detail,
         };
         if let Err(e) = self.audit.record(event).await {
             let _g = span.enter();
@@ -237,8 +242,8 @@ impl Broker {
         }
         {
             let _g = span.enter();
-            match &outcome.result {
-                Ok(_) => tracing::debug!(version = ?outcome.version, "ok"),
+            match &result {
+                Ok(_) => tracing::debug!(version = ?version, "ok"),
                 Err(s) => info!(
                     rpc,
                     volume_id = %vid,
@@ -249,7 +254,7 @@ impl Broker {
                 ),
             }
         }
-        outcome.result.map(Response::new)
+        result.map(Response::new)
     }
 
     /// The record of `volume_id` (shared with the store's cache: clone it to change it).
