@@ -35,7 +35,9 @@
 //! goal's 10,000), `NODECRYPT_BENCH_PACED` (`open` or `serial`), `NODECRYPT_BENCH_AUDIT_DIR`
 //! (where the audit log goes instead of the state directory: tmpfs, another disk),
 //! `NODECRYPT_BENCH_COMMIT_DELAY_US` (the audit log's group-commit delay; default the
-//! broker's).
+//! broker's), `NODECRYPT_BENCH_CLIENT_THREADS` (the load generator's tokio worker threads;
+//! default one per core). The broker's own runtime takes tokio's `TOKIO_WORKER_THREADS`
+//! from the environment it inherits.
 
 use std::fs;
 use std::io::{BufRead, BufReader};
@@ -824,17 +826,30 @@ fn main() {
     }
     run_ok(&mut pki, Duration::from_secs(60));
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("runtime");
+    // The load generator's worker threads. Set here, they no longer follow
+    // TOKIO_WORKER_THREADS, which the broker (spawned with this environment) then reads
+    // alone; unset, both runtimes follow it (tokio's default: one per core).
+    let client_threads: Option<usize> =
+        std::env::var("NODECRYPT_BENCH_CLIENT_THREADS")
+            .ok()
+            .map(|n| {
+                n.parse().ok().filter(|&n| n > 0).unwrap_or_else(|| {
+                    panic!("NODECRYPT_BENCH_CLIENT_THREADS={n:?}: a thread count, 1 or more")
+                })
+            });
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = client_threads {
+        rt.worker_threads(n);
+    }
+    let rt = rt.enable_all().build().expect("runtime");
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let loadavg = fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
         "broker bench: {n_clients} mTLS clients (own connection and node identity each; \
-         transport: {}), {n_volumes} volumes, {seconds} s per phase, {cpus} CPUs shared by clients and broker, \
-         load average {}",
+         transport: {}; {} client threads), {n_volumes} volumes, {seconds} s per phase, {cpus} CPUs shared \
+         by clients and broker, load average {}",
         kind.name(),
+        client_threads.map_or_else(|| "default".to_string(), |n| n.to_string()),
         loadavg
             .split_whitespace()
             .take(3)
@@ -924,6 +939,7 @@ fn main() {
         "bench": "broker",
         "clients": n_clients,
         "client_transport": kind.name(),
+        "client_threads": client_threads,
         "volumes": n_volumes,
         "seconds_per_phase": seconds,
         "paced_calls_per_sec": rate,
