@@ -36,8 +36,8 @@
 //! (where the audit log goes instead of the state directory: tmpfs, another disk),
 //! `NODECRYPT_BENCH_COMMIT_DELAY_US` (the audit log's group-commit delay; default the
 //! broker's), `NODECRYPT_BENCH_CLIENT_THREADS` (the load generator's tokio worker threads;
-//! default one per core). The broker's own runtime takes tokio's `TOKIO_WORKER_THREADS`
-//! from the environment it inherits.
+//! unset, tokio's `TOKIO_WORKER_THREADS` or one per core). The broker's runtime reads
+//! `TOKIO_WORKER_THREADS` from the environment it inherits.
 
 use std::fs;
 use std::io::{BufRead, BufReader};
