@@ -28,7 +28,7 @@ pub const GENESIS: &str = "00000000000000000000000000000000000000000000000000000
 /// One key operation, as recorded. The peer's names are shared with its connection and
 /// the rpc and result names are static, so recording a call copies no string but the
 /// volume id it was given (and a refusal's message, moved in).
-#[derive(Clone, Debug, Serialize)]
+#[derive(Debug, Serialize)]
 pub struct AuditEvent {
     /// The caller's SPIFFE id (or "unauthenticated: <why>").
     pub peer: Arc<str>,

@@ -81,9 +81,10 @@ impl Config {
         let cfg: Config = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
         if cfg.audit_commit_delay_us > MAX_COMMIT_DELAY_US {
             return Err(err(format!(
-                "audit_commit_delay_us = {} is more than {MAX_COMMIT_DELAY_US} (100 ms): every \
+                "audit_commit_delay_us = {} is more than {MAX_COMMIT_DELAY_US} ({} ms): every \
                  call made under load would wait that long for its audit line",
-                cfg.audit_commit_delay_us
+                cfg.audit_commit_delay_us,
+                MAX_COMMIT_DELAY_US / 1000
             )));
         }
         if cfg.trust_domain.is_empty() || cfg.trust_domain.contains('/') {

@@ -191,7 +191,8 @@ impl Broker {
         let (who, addr): (Arc<str>, Arc<str>) = match &caller {
             Ok((_, spiffe)) => (
                 spiffe.clone(),
-                peer.as_ref().map_or_else(|| "".into(), Peer::addr_shared),
+                peer.as_ref()
+                    .map_or_else(|| "".into(), |p| p.addr().clone()),
             ),
             Err(e) => (
                 format!("unauthenticated: {}", e.message()).into(),

@@ -150,14 +150,10 @@ impl Peer {
         }))
     }
 
-    /// The peer's socket address, as text.
-    pub fn addr(&self) -> &str {
+    /// The peer's socket address, as text (shared: clone it to keep it, a reference
+    /// count).
+    pub fn addr(&self) -> &Arc<str> {
         &self.0.addr
-    }
-
-    /// The peer's socket address, shared (a reference count, no copy).
-    pub fn addr_shared(&self) -> Arc<str> {
-        self.0.addr.clone()
     }
 
     /// The peer's identity and its SPIFFE id (shared: clone it to keep it, a reference
