@@ -31,7 +31,7 @@ pub const GENESIS: &str = "00000000000000000000000000000000000000000000000000000
 /// volume id it was given (and a refusal's message, moved in).
 #[derive(Debug, Serialize)]
 pub struct AuditEvent {
-    /// The caller's SPIFFE id (or "unauthenticated: <why>").
+    /// The caller's SPIFFE id (or `"unauthenticated: <why>"`).
     pub peer: Arc<str>,
     /// The caller's socket address.
     pub peer_addr: Arc<str>,
@@ -297,11 +297,10 @@ impl Writer {
             buf.extend_from_slice(p.as_bytes());
             buf.extend_from_slice(b"\"}\n");
         }
-        let fsync = self.fsync;
-        let written =
-            self.file
-                .write_all(buf)
-                .and_then(|_| if fsync { self.file.sync_data() } else { Ok(()) });
+        let mut written = self.file.write_all(buf);
+        if written.is_ok() && self.fsync {
+            written = self.file.sync_data();
+        }
         match written {
             Ok(()) => {
                 (self.seq, self.prev) = (s, p);
