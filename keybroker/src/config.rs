@@ -29,10 +29,10 @@ pub struct Config {
     /// Group commit: while more than one call waits on the audit log, its batch is held
     /// open for up to this many microseconds so that the calls arriving meanwhile share
     /// one fsync (default 1000; 0 never holds one). Every call is still answered only
-    /// once its own line is durable; a lone call is never held, nor a batch that 32 calls
-    /// already share (`audit::NO_DELAY_BATCH`). An fsync costs about as much CPU as a
-    /// whole key fetch, so under load this is what keeps the audit log from halving the
-    /// broker's capacity (README, "Key broker" benchmark).
+    /// once its own line is durable; a lone call is never held, nor a batch that
+    /// [`NO_DELAY_BATCH`](crate::audit::NO_DELAY_BATCH) calls already share. An fsync
+    /// costs about as much CPU as a whole key fetch, so under load this is what keeps the
+    /// audit log from halving the broker's capacity (README, "Key broker" benchmark).
     #[serde(default = "commit_delay_us")]
     pub audit_commit_delay_us: u64,
     /// The broker's certificate and key, and the CA client certificates must chain to.
