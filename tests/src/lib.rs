@@ -1,6 +1,7 @@
 //! Harness for the end-to-end tests in `tests/tests/`: runs the real binaries (built by
 //! `make test` before the tests), waits for readiness (never sleeps), and gives each
 //! test a private directory, PKI and broker on 127.0.0.1 with a kernel-chosen port.
+//! [`luks2`] is an independent LUKS2 header codec for building hostile images.
 
 use std::fs;
 use std::io::{BufRead, BufReader};
@@ -12,6 +13,8 @@ use std::time::Duration;
 use nodecrypt_keybroker::{client, tls};
 use nodecrypt_proto::keybroker::v1::key_broker_client::KeyBrokerClient;
 use tonic::transport::Channel;
+
+pub mod luks2;
 
 /// The trust domain of every test PKI.
 pub const TRUST_DOMAIN: &str = "nodecrypt.test";
