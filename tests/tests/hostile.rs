@@ -394,8 +394,11 @@ fn get_key_calls<'a>(lines: &'a [Value], pred: impl Fn(&str) -> bool + 'a) -> Ve
         .collect()
 }
 
+/// Stdout as one JSON document (`None`, with the reason on stderr, if it is not).
 fn parse_json(out: &CliOut) -> Option<Value> {
-    serde_json::from_str(&out.stdout).ok()
+    serde_json::from_str(&out.stdout)
+        .map_err(|e| eprintln!("stdout is not one JSON document ({e}): {:.300}", out.stdout))
+        .ok()
 }
 
 fn entries_for<'a>(list: &'a Value, key: &str, dev: &str) -> Vec<&'a Value> {
@@ -500,16 +503,23 @@ fn hostile_headers_are_refused_with_their_reason_before_any_key_is_asked_for() {
     let t0 = Instant::now();
     let env = Env::new();
     let broker = env.start_broker();
-    let bases: Vec<(PathBuf, String, u64)> = [512u64, 4096]
-        .into_iter()
-        .map(|s| {
-            (
-                sparse_file(&env.path().join(format!("base{s}.img")), IMAGE_MIB),
-                format!("vol-good-{s}"),
-                s,
-            )
-        })
-        .collect();
+    // Two healthy bases, and a control: a healthy volume whose header went through the
+    // codec exactly as every variant's does before its defect (JSON re-serialised, seqid
+    // bumped, checksums recomputed), so a refusal can only be the defect's doing.
+    let bases: Vec<(PathBuf, String, u64)> = [
+        ("base512.img", "vol-good-512", 512u64),
+        ("base4096.img", "vol-good-4096", 4096),
+        ("control.img", "vol-rewritten", 4096),
+    ]
+    .into_iter()
+    .map(|(file, id, s)| {
+        (
+            sparse_file(&env.path().join(file), IMAGE_MIB),
+            id.to_string(),
+            s,
+        )
+    })
+    .collect();
     format_volumes(
         &env,
         &broker,
@@ -518,10 +528,13 @@ fn hostile_headers_are_refused_with_their_reason_before_any_key_is_asked_for() {
             .map(|(p, id, s)| (p.as_path(), id.as_str(), *s))
             .collect::<Vec<_>>(),
     );
+    let seqid = luks2::read(&bases[2].0).unwrap().0.seqid();
+    relabel(&bases[2].0, &bases[2].1);
+    assert_eq!(luks2::read(&bases[2].0).unwrap().1.seqid(), seqid + 1);
 
     // Build the corpus.
     let mut variants = Vec::new();
-    for (base, _, sector) in &bases {
+    for (base, _, sector) in &bases[..2] {
         let geo = Geo::of(base);
         assert_eq!(geo.sector, *sector, "{geo:?}");
         for class in classes() {
