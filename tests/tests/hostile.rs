@@ -246,6 +246,14 @@ fn classes() -> Vec<Class> {
                 })
             },
         ),
+        // libcryptsetup rejects the one above at load (online-reencrypt-v2 is a known
+        // requirement and wants a reencryption backup segment), but loads a header whose
+        // mandatory requirement it does not know: the policy must refuse that one itself.
+        c("requirement-unknown", "config.requirements", |p, _| {
+            both(p, |v| {
+                v["config"]["requirements"] = json!({"mandatory": ["frobnicate-v9"]})
+            })
+        }),
         c("two-nodecrypt-tokens", "token.count", |p, _| {
             both(p, |v| {
                 let t = token(v).clone();
