@@ -304,9 +304,19 @@ pub struct DeviceLock {
 impl DeviceLock {
     /// Blocks until the lock of `device` is held.
     pub fn acquire(run_dir: &Path, device: &Device) -> Result<DeviceLock, DeviceError> {
+        Self::named(run_dir, &device.id)
+    }
+
+    /// Blocks until the lock of volume `volume_id` is held: whichever device carries it,
+    /// one flow at a time decides what is mapped for it. Taken after a device's lock.
+    pub fn volume(run_dir: &Path, volume_id: &str) -> Result<DeviceLock, DeviceError> {
+        Self::named(run_dir, &format!("v-{volume_id}"))
+    }
+
+    fn named(run_dir: &Path, key: &str) -> Result<DeviceLock, DeviceError> {
         let dir = run_dir.join("locks");
         fs::create_dir_all(&dir).map_err(io(&dir))?;
-        let path = dir.join(format!("{}.lock", device.id));
+        let path = dir.join(format!("{key}.lock"));
         let file = OpenOptions::new()
             .create(true)
             .truncate(false)

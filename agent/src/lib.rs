@@ -5,9 +5,12 @@
 pub mod broker;
 pub mod config;
 pub mod device;
+pub mod discover;
 pub mod key;
 pub mod luks;
 pub mod mapping;
+pub mod repair;
 pub mod service;
+pub mod status;
 pub mod userspace;
 pub mod volume;

@@ -51,7 +51,7 @@ impl MappingError {
             MappingError::NoDeviceMapper { .. } | MappingError::InUse { .. } => {
                 Code::FailedPrecondition
             }
-            MappingError::Luks(LuksError::WrongKey { .. } | LuksError::Policy { .. }) => {
+            MappingError::Luks(LuksError::WrongKey { .. } | LuksError::Refused { .. }) => {
                 Code::FailedPrecondition
             }
             _ => Code::Internal,
@@ -74,6 +74,25 @@ pub fn dm_available() -> bool {
             .unwrap_or(false)
 }
 
+/// The device a mapping reads and writes: its path and identity ([`Device::id`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    /// The device path as opened.
+    pub path: PathBuf,
+    /// The device identity (`st_rdev`, or `st_dev`:`st_ino` of a file).
+    pub id: String,
+}
+
+impl Source {
+    /// The source of a validated device.
+    pub fn of(dev: &Device) -> Source {
+        Source {
+            path: dev.path.clone(),
+            id: dev.id.clone(),
+        }
+    }
+}
+
 /// A live mapping.
 pub enum Mapped {
     /// A dm-crypt mapping `/dev/mapper/<name>`.
@@ -82,6 +101,8 @@ pub enum Mapped {
         volume_id: String,
         /// Mapping name.
         name: String,
+        /// The device it maps, if the kernel says (it does for every live mapping).
+        source: Option<Source>,
     },
     /// The userspace engine.
     User {
@@ -89,12 +110,29 @@ pub enum Mapped {
         volume_id: String,
         /// Mapping name (informational).
         name: String,
+        /// The device it maps.
+        source: Source,
         /// The FUSE file and loop device.
         mapping: userspace::Mapping,
     },
 }
 
 impl Mapped {
+    /// The device this mapping reads and writes, if known.
+    pub fn source(&self) -> Option<&Source> {
+        match self {
+            Mapped::Dm { source, .. } => source.as_ref(),
+            Mapped::User { source, .. } => Some(source),
+        }
+    }
+
+    /// Whether this mapping is of `dev` (a dm mapping whose device the kernel does not
+    /// name counts as of every device: it cannot be told apart, and refusing would make
+    /// re-opening after an agent restart fail).
+    pub fn is_of(&self, dev: &Device) -> bool {
+        self.source().is_none_or(|s| s.id == dev.id)
+    }
+
     /// Backend, name, mapped device and file, as a partial `Volume`.
     pub fn describe(&self) -> pb::Volume {
         match self {
@@ -121,10 +159,13 @@ impl Mapped {
     #[allow(clippy::result_large_err)]
     pub fn close(self) -> Result<(), (Option<Mapped>, MappingError)> {
         match self {
-            Mapped::Dm { name, volume_id } => close_dm(&name, &volume_id).map_err(|e| (None, e)),
+            Mapped::Dm {
+                name, volume_id, ..
+            } => close_dm(&name, &volume_id).map_err(|e| (None, e)),
             Mapped::User {
                 volume_id,
                 name,
+                source,
                 mut mapping,
             } => match mapping.close() {
                 Ok(()) => Ok(()),
@@ -143,6 +184,7 @@ impl Mapped {
                         Some(Mapped::User {
                             volume_id,
                             name,
+                            source,
                             mapping,
                         }),
                         err,
@@ -167,16 +209,36 @@ pub fn close_dm(name: &str, volume_id: &str) -> Result<(), MappingError> {
     }
 }
 
-/// A dm-crypt mapping of `volume_id` that exists in the kernel (survives agent restarts).
+/// A dm-crypt mapping of `volume_id` that exists in the kernel (survives agent restarts),
+/// with the device it maps as sysfs names it. Reads only sysfs and /dev.
 pub fn dm_status(volume_id: &str) -> Option<Mapped> {
     let name = default_name(volume_id);
-    Path::new("/dev/mapper")
-        .join(&name)
-        .exists()
-        .then(|| Mapped::Dm {
-            volume_id: volume_id.to_string(),
-            name,
-        })
+    let node = Path::new("/dev/mapper").join(&name);
+    node.exists().then(|| Mapped::Dm {
+        volume_id: volume_id.to_string(),
+        source: dm_source(&node),
+        name,
+    })
+}
+
+/// The one device under a dm mapping node (`/sys/block/dm-N/slaves/`).
+fn dm_source(node: &Path) -> Option<Source> {
+    let dm = fs::canonicalize(node).ok()?;
+    let dm = dm.file_name()?.to_str()?.to_string();
+    let mut slaves = fs::read_dir(format!("/sys/block/{dm}/slaves"))
+        .ok()?
+        .flatten();
+    let slave = slaves.next()?.file_name();
+    if slaves.next().is_some() {
+        return None;
+    }
+    let slave = slave.to_str()?;
+    let majmin = fs::read_to_string(format!("/sys/class/block/{slave}/dev")).ok()?;
+    let (maj, min) = majmin.trim().split_once(':')?;
+    Some(Source {
+        path: PathBuf::from("/dev").join(slave),
+        id: format!("b{maj}_{min}"),
+    })
 }
 
 /// Maps an unlocked volume with the chosen backend.
@@ -208,6 +270,7 @@ pub fn open(
         return Ok(Mapped::Dm {
             volume_id: token.volume_id.clone(),
             name: name.to_string(),
+            source: Some(Source::of(dev)),
         });
     }
     let master = luks::volume_key(&dev.path, token.keyslot, key)?;
@@ -228,6 +291,7 @@ pub fn open(
     Ok(Mapped::User {
         volume_id: token.volume_id.clone(),
         name: name.to_string(),
+        source: Source::of(dev),
         mapping,
     })
 }

@@ -73,8 +73,16 @@ impl Service {
     }
 }
 
+/// The status of a failed flow: its code from the one table, its message, and a
+/// refusal's reason code as `nodecrypt-reason` metadata (read by `--json`).
 fn status(e: VolumeError) -> Status {
-    Status::new(e.code(), e.to_string())
+    let mut md = tonic::metadata::MetadataMap::new();
+    if let Some(reason) = e.reason() {
+        if let Ok(v) = reason.parse() {
+            md.insert(crate::status::REASON_KEY, v);
+        }
+    }
+    Status::with_metadata(e.code(), e.to_string(), md)
 }
 
 macro_rules! call {
@@ -153,6 +161,13 @@ impl AgentRpc for Service {
         req: Request<pb::EraseVolumeRequest>,
     ) -> Result<Response<pb::Volume>, Status> {
         call!(self, req, "EraseVolume", |a, r| a.erase(r))
+    }
+
+    async fn repair_header(
+        &self,
+        req: Request<pb::RepairHeaderRequest>,
+    ) -> Result<Response<pb::RepairHeaderResponse>, Status> {
+        call!(self, req, "RepairHeader", |a, r| a.repair_header(r))
     }
 
     async fn doctor(

@@ -14,9 +14,11 @@ use tracing::{info, warn};
 use crate::broker::{Broker, BrokerError};
 use crate::config::{BackendChoice, Config};
 use crate::device::{self, Device, DeviceError, DeviceLock, Kind};
+use crate::discover::{self, Found, Probe};
 use crate::key::SlotKey;
-use crate::luks::{self, Header, LuksError, Token};
-use crate::mapping::{self, Mapped, MappingError};
+use crate::luks::{self, Header, Inspection, LuksError, Refusal, Stage, Token};
+use crate::mapping::{self, Mapped, MappingError, Source};
+use crate::status;
 
 /// What a flow can fail with; [`VolumeError::code`] is the one place that maps errors to
 /// gRPC codes (and through them to CLI exit codes).
@@ -43,6 +45,24 @@ pub enum VolumeError {
     /// Mapping (dm-crypt or userspace) failed.
     #[error(transparent)]
     Mapping(#[from] MappingError),
+    /// The volume is already open from another device carrying the same volume id.
+    #[error("volume {volume_id} is already open from {open_from}; {device} carries the same volume id (a copy?) and is not opened beside it: close {volume_id} first")]
+    OpenElsewhere {
+        /// The volume id both devices carry.
+        volume_id: String,
+        /// The device the open mapping reads.
+        open_from: PathBuf,
+        /// The device asked for.
+        device: PathBuf,
+    },
+    /// The device did not answer a header read in time.
+    #[error("{device}: did not answer a header read within {waited:?}; nothing was changed")]
+    Stuck {
+        /// The device.
+        device: PathBuf,
+        /// How long discovery waited.
+        waited: Duration,
+    },
     /// A bug or an unexpected system failure.
     #[error("{0}")]
     Internal(String),
@@ -62,13 +82,36 @@ impl VolumeError {
                 DeviceError::Io { .. } => Code::Internal,
             },
             VolumeError::Luks(e) => match e {
-                LuksError::WrongKey { .. } | LuksError::Policy { .. } => Code::FailedPrecondition,
+                LuksError::WrongKey { .. } | LuksError::Refused { .. } => Code::FailedPrecondition,
                 LuksError::Crypt { .. } | LuksError::Io { .. } => Code::Internal,
             },
             VolumeError::Broker(e) => e.code(),
             VolumeError::Mapping(e) => e.code(),
+            VolumeError::OpenElsewhere { .. } => Code::FailedPrecondition,
+            VolumeError::Stuck { .. } => Code::DeadlineExceeded,
             VolumeError::Internal(_) => Code::Internal,
         }
+    }
+
+    /// The stable reason code of a refusal (`segment.offset`, `volume.open_elsewhere`,
+    /// …), which `--json` and `UnlockResult.reason` carry; `None` for other errors.
+    pub fn reason(&self) -> Option<&'static str> {
+        match self {
+            VolumeError::Luks(LuksError::Refused { refusal, .. })
+            | VolumeError::Mapping(MappingError::Luks(LuksError::Refused { refusal, .. })) => {
+                Some(refusal.reason)
+            }
+            VolumeError::OpenElsewhere { .. } => Some("volume.open_elsewhere"),
+            VolumeError::Stuck { .. } => Some("device.timeout"),
+            _ => None,
+        }
+    }
+
+    fn refused(device: &Path, refusal: Refusal) -> VolumeError {
+        VolumeError::Luks(LuksError::Refused {
+            device: device.to_path_buf(),
+            refusal,
+        })
     }
 }
 
@@ -127,12 +170,6 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
         .map_err(|e| VolumeError::Internal(format!("worker thread failed: {e}")))?
 }
 
-/// A discovered nodecrypt volume.
-struct Found {
-    device: Device,
-    header: Header,
-}
-
 /// The agent: configuration, broker client, live mappings.
 pub struct Agent {
     cfg: Config,
@@ -176,49 +213,45 @@ impl Agent {
         out
     }
 
-    /// Every device carrying a nodecrypt LUKS2 header. Read-only; unreadable or foreign
-    /// devices are skipped.
-    fn discover(&self) -> Vec<Found> {
-        let mut found = Vec::new();
-        for path in self.candidates() {
-            let Some(p) = path.to_str() else { continue };
-            let Ok(dev) = device::validate(p, self.cfg.allow_file_devices) else {
-                continue;
-            };
-            if !luks::has_luks2_magic(&dev.path) {
-                continue;
-            }
-            match luks::read_header(&dev.path, dev.size) {
-                Ok(header) if header.token.is_some() => found.push(Found {
-                    device: dev,
-                    header,
-                }),
-                Ok(_) => {}
-                Err(e) => {
-                    warn!(device = %dev.path.display(), error = %e, "unreadable LUKS2 header skipped")
-                }
-            }
-        }
-        found
+    /// Every device that looks like nodecrypt's, judged. Read-only; foreign and
+    /// unreadable devices are left out, a device that hangs is reported.
+    fn discover(&self) -> Vec<Probe> {
+        discover::discover(
+            self.candidates(),
+            self.cfg.allow_file_devices,
+            discover::PROBE_TIMEOUT,
+        )
     }
 
+    /// The one usable device carrying `volume_id`. A device whose header is refused but
+    /// claims this id makes the error that refusal, so the operator learns why.
     fn find(&self, volume_id: &str) -> Result<Found> {
-        let mut hits: Vec<Found> = self
-            .discover()
-            .into_iter()
-            .filter(|f| {
-                f.header.token.as_ref().map(|(_, t)| t.volume_id.as_str()) == Some(volume_id)
-            })
-            .collect();
-        match hits.len() {
-            0 => Err(VolumeError::NotFound(format!(
-                "no device carries volume {volume_id} (scanned block devices{})",
-                if self.cfg.allow_file_devices {
-                    " and configured files"
-                } else {
-                    ""
+        let mut hits = Vec::new();
+        let mut refused = None;
+        for p in self.discover() {
+            match p {
+                Probe::Ours(f) if f.volume_id() == volume_id => hits.push(f),
+                Probe::Refused {
+                    device,
+                    claimed_volume_id: Some(id),
+                    refusal,
+                } if id == volume_id => {
+                    refused.get_or_insert(VolumeError::refused(&device.path, refusal));
                 }
-            ))),
+                _ => {}
+            }
+        }
+        match hits.len() {
+            0 => Err(refused.unwrap_or_else(|| {
+                VolumeError::NotFound(format!(
+                    "no device carries volume {volume_id} (scanned block devices{})",
+                    if self.cfg.allow_file_devices {
+                        " and configured files"
+                    } else {
+                        ""
+                    }
+                ))
+            })),
             1 => Ok(hits.remove(0)),
             _ => Err(VolumeError::Precondition(format!(
                 "volume {volume_id} is on several devices ({}); open it by device path",
@@ -230,9 +263,14 @@ impl Agent {
         }
     }
 
-    fn mapped(&self, volume_id: &str) -> Option<pb::Volume> {
+    /// The live mapping of `volume_id` (ours, or a dm-crypt mapping the kernel holds).
+    fn mapping_of(&self, volume_id: &str) -> Option<(pb::Volume, Option<Source>)> {
         let maps = self.mappings.lock().unwrap_or_else(|p| p.into_inner());
-        maps.get(volume_id).map(|m| m.describe())
+        if let Some(m) = maps.get(volume_id) {
+            return Some((m.describe(), m.source().cloned()));
+        }
+        drop(maps);
+        mapping::dm_status(volume_id).map(|m| (m.describe(), m.source().cloned()))
     }
 
     fn volume_pb(&self, dev: &Device, h: &Header) -> pb::Volume {
@@ -254,9 +292,9 @@ impl Agent {
             data_size: h.data_size,
             ..Default::default()
         };
-        if let Some(m) = self
-            .mapped(&volume_id)
-            .or_else(|| mapping::dm_status(&volume_id).map(|m| m.describe()))
+        if let Some((m, _)) = self
+            .mapping_of(&volume_id)
+            .filter(|(_, src)| src.as_ref().is_none_or(|s| s.id == dev.id))
         {
             v.state = pb::VolumeState::Open as i32;
             v.backend = m.backend;
@@ -308,7 +346,9 @@ impl Agent {
         let (key, version) = match state {
             Precheck::Done(h) => {
                 // Prove the broker's key still opens it, then answer success.
-                let (_, tok) = h.token.clone().expect("Done has a token");
+                let tok = h.token().cloned().ok_or_else(|| {
+                    VolumeError::Internal("a judged header without its token".into())
+                })?;
                 let (key, _, _) = self
                     .broker
                     .get(&tok.volume_id, tok.key_version, self.deadline())
@@ -353,16 +393,17 @@ impl Agent {
         };
         let d = dev.clone();
         let h = blocking(move || {
-            // An interrupted format whose keyslot opens with our key only lacks its token.
-            let existing = if luks::has_luks2_magic(&d.path) {
-                luks::read_header(&d.path, d.size).ok()
+            // An interrupted format whose keyslot opens with our key only lacks its token
+            // (the precheck judged that header with the token absent).
+            let resume = matches!(
+                luks::inspect(&d.path, d.size, Stage::Formatting)?,
+                Inspection::Ours(ref h) if h.label == token.volume_id && !h.keyslots.is_empty()
+            );
+            let slot = if resume {
+                luks::check_key(&d.path, None, &key)?
             } else {
-                None
-            };
-            let slot = match existing.filter(|h| h.is_ours() && !h.keyslots.is_empty()) {
-                Some(_) => luks::check_key(&d.path, None, &key)?,
-                None => luks::format(&d.path, &token.volume_id, sector_size, &key, &crash_point)
-                    .inspect_err(|_| rollback(&d))?,
+                luks::format(&d.path, &token.volume_id, sector_size, &key, &crash_point)
+                    .inspect_err(|_| rollback(&d))?
             };
             let token = Token {
                 keyslot: slot,
@@ -371,7 +412,8 @@ impl Agent {
             luks::set_token(&d.path, None, &token).inspect_err(|_| rollback(&d))?;
             crash_point("format-after-token");
             luks::check_key(&d.path, Some(slot), &key)?;
-            Ok(luks::read_header(&d.path, d.size)?)
+            // What we wrote must pass our own judge.
+            Ok(judged(d.clone())?.header)
         })
         .await?;
         info!(volume_id = %req.volume_id, device = %dev.path.display(), sector_size, key_version = version, "formatted");
@@ -388,42 +430,46 @@ impl Agent {
                 dev.size
             )));
         }
-        if luks::has_luks2_magic(&dev.path) {
-            match luks::read_header(&dev.path, dev.size) {
-                Ok(h) => match &h.token {
-                    Some((_, t)) if t.volume_id == volume_id => {
-                        h.check_policy(&dev.path, Some(volume_id))?;
-                        return Ok(Precheck::Done(Box::new(h)));
-                    }
-                    Some((_, t)) if !force => {
-                        return Err(VolumeError::Precondition(format!(
-                            "{} holds nodecrypt volume {}; refusing to overwrite it (--force overrides)",
-                            dev.path.display(),
-                            t.volume_id
-                        )));
-                    }
-                    None if h.is_ours() && h.label == volume_id => {
+        let overwrite = |what: String| {
+            Err(VolumeError::Precondition(format!(
+                "{} {what}; refusing to overwrite it (--force overrides)",
+                dev.path.display()
+            )))
+        };
+        match luks::inspect(&dev.path, dev.size, Stage::Usable)? {
+            Inspection::Ours(h) if h.token().is_some_and(|t| t.volume_id == volume_id) => {
+                return Ok(Precheck::Done(Box::new(h)));
+            }
+            Inspection::Ours(h) if !force => {
+                let other = h.token().map(|t| t.volume_id.clone()).unwrap_or_default();
+                return overwrite(format!("holds nodecrypt volume {other}"));
+            }
+            Inspection::Refused { refusal, .. }
+                if matches!(refusal.reason, "token.missing" | "keyslot.count") =>
+            {
+                // A format that stopped before its token: resume it if the rest is ours.
+                match luks::inspect(&dev.path, dev.size, Stage::Formatting)? {
+                    Inspection::Ours(h) if h.label == volume_id => {
                         info!(device = %dev.path.display(), volume_id, "resuming an interrupted format");
                         return Ok(Precheck::Resume);
                     }
                     _ if !force => {
-                        return Err(VolumeError::Precondition(format!(
-                            "{} holds a LUKS2 volume (uuid {}, label {:?}) that is not nodecrypt's; refusing to overwrite it (--force overrides)",
-                            dev.path.display(),
-                            h.uuid,
-                            h.label
-                        )));
+                        return overwrite(format!("carries a nodecrypt header without a token for another volume or in a state nodecrypt does not write ({refusal})"));
                     }
                     _ => {}
-                },
-                Err(e) if !force => {
-                    return Err(VolumeError::Precondition(format!(
-                        "{} carries a damaged LUKS2 header ({e}); refusing to overwrite it (--force overrides)",
-                        dev.path.display()
-                    )));
                 }
-                Err(_) => {}
             }
+            Inspection::Refused { refusal, .. } if !force => {
+                return overwrite(format!(
+                    "carries a nodecrypt LUKS2 header that is refused or damaged ({refusal}; `nodecrypt repair-header` can mend a damaged copy)"
+                ));
+            }
+            Inspection::Foreign { uuid, label } if !force => {
+                return overwrite(format!(
+                    "holds a LUKS2 volume (uuid {uuid}, label {label:?}) that is not nodecrypt's"
+                ));
+            }
+            _ => {}
         }
         let sigs = dev.signatures()?;
         if !sigs.is_empty() && !force {
@@ -438,7 +484,9 @@ impl Agent {
 
     // ---------------------------------------------------------------- open / close
 
-    /// Opens (unlocks and maps) a volume; already open is success.
+    /// Opens (unlocks and maps) a volume; already open (this device) is success. The
+    /// header is judged before anything else; a second device naming a volume that is
+    /// open from another device is refused.
     pub async fn open(self: &Arc<Self>, req: pb::OpenVolumeRequest) -> Result<pb::Volume> {
         if !req.volume_id.is_empty() {
             validate_volume_id(&req.volume_id)?;
@@ -452,30 +500,23 @@ impl Agent {
             (true, true) => Err(VolumeError::InvalidArgument(
                 "give a device or a volume id".into(),
             )),
-            (false, _) => {
-                let dev = me.validate_device(&dev_path)?;
-                if !luks::has_luks2_magic(&dev.path) {
-                    return Err(VolumeError::Precondition(format!(
-                        "{} is not a LUKS2 volume",
-                        dev.path.display()
-                    )));
-                }
-                let header = luks::read_header(&dev.path, dev.size).map_err(|e| {
-                    VolumeError::Precondition(format!(
-                        "{} has an unusable LUKS2 header: {e}",
-                        dev.path.display()
-                    ))
-                })?;
-                Ok(Found {
-                    device: dev,
-                    header,
-                })
-            }
+            (false, _) => judged(me.validate_device(&dev_path)?),
             (true, false) => me.find(&vol),
         })
         .await?;
-        let want = (!req.volume_id.is_empty()).then_some(req.volume_id.as_str());
-        let token = found.header.check_policy(&found.device.path, want)?.clone();
+        let token = found
+            .header
+            .token()
+            .cloned()
+            .ok_or_else(|| VolumeError::Internal("a judged header without its token".into()))?;
+        if !req.volume_id.is_empty() && token.volume_id != req.volume_id {
+            return Err(VolumeError::Precondition(format!(
+                "{} belongs to volume {}, not {}",
+                found.device.path.display(),
+                token.volume_id,
+                req.volume_id
+            )));
+        }
         let backend = match pb::Backend::try_from(req.backend).unwrap_or(pb::Backend::Unspecified) {
             pb::Backend::DmCrypt => BackendChoice::DmCrypt,
             pb::Backend::Userspace => BackendChoice::Userspace,
@@ -483,12 +524,22 @@ impl Agent {
             pb::Backend::Unspecified => self.cfg.backend,
         };
         let me = self.clone();
-        let d = found.device.clone();
-        let lock = blocking(move || Ok(DeviceLock::acquire(&me.cfg.run_dir, &d)?)).await?;
-        if self.mapped(&token.volume_id).is_some() || mapping::dm_status(&token.volume_id).is_some()
-        {
-            drop(lock);
-            return Ok(self.volume_pb(&found.device, &found.header));
+        let (d, id) = (found.device.clone(), token.volume_id.clone());
+        let locks = blocking(move || {
+            let dev = DeviceLock::acquire(&me.cfg.run_dir, &d)?;
+            Ok((dev, DeviceLock::volume(&me.cfg.run_dir, &id)?))
+        })
+        .await?;
+        if let Some((_, src)) = self.mapping_of(&token.volume_id) {
+            drop(locks);
+            return match src {
+                Some(src) if src.id != found.device.id => Err(VolumeError::OpenElsewhere {
+                    volume_id: token.volume_id,
+                    open_from: src.path,
+                    device: found.device.path,
+                }),
+                _ => Ok(self.volume_pb(&found.device, &found.header)),
+            };
         }
         let started = Instant::now();
         let (key, _, _) = self
@@ -522,52 +573,53 @@ impl Agent {
             .unwrap_or_else(|p| p.into_inner())
             .insert(token.volume_id.clone(), mapped);
         info!(volume_id = %token.volume_id, device = %found.device.path.display(), mapped = %desc.mapped_device, took_ms = started.elapsed().as_millis() as u64, "opened");
-        drop(lock);
+        drop(locks);
         Ok(self.volume_pb(&found.device, &found.header))
     }
 
     /// Closes a volume; already closed is success, in use is a precondition failure.
+    /// Answers from the mapping it closed: no device scan, so a clone of the volume on
+    /// another device changes nothing here.
     pub async fn close(self: &Arc<Self>, req: pb::CloseVolumeRequest) -> Result<pb::Volume> {
         validate_volume_id(&req.volume_id)?;
+        let me = self.clone();
+        let id = req.volume_id.clone();
+        let lock = blocking(move || Ok(DeviceLock::volume(&me.cfg.run_dir, &id)?)).await?;
         let id = req.volume_id.clone();
         let taken = self
             .mappings
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&id);
-        let me = self.clone();
         let result = blocking(move || {
-            let back = match taken.or_else(|| mapping::dm_status(&id)) {
-                Some(m) => m.close(),
-                None => Ok(()),
+            let Some(m) = taken.or_else(|| mapping::dm_status(&id)) else {
+                return Ok(Ok(None));
             };
-            match back {
-                Ok(()) => Ok(None),
-                Err((m, e)) => Ok(Some((m, e))),
-            }
+            let source = m.source().cloned();
+            Ok(m.close().map(|()| source))
         })
         .await?;
-        if let Some((m, e)) = result {
-            if let Some(m) = m {
-                me.mappings
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(req.volume_id.clone(), m);
+        let source = match result {
+            Ok(source) => source,
+            Err((m, e)) => {
+                if let Some(m) = m {
+                    self.mappings
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(req.volume_id.clone(), m);
+                }
+                return Err(e.into());
             }
-            return Err(e.into());
-        }
+        };
+        drop(lock);
         info!(volume_id = %req.volume_id, "closed");
-        self.get(pb::GetVolumeRequest {
+        Ok(pb::Volume {
             volume_id: req.volume_id,
-        })
-        .await
-        .or_else(|e| match e {
-            VolumeError::NotFound(_) => Ok(pb::Volume {
-                volume_id: String::new(),
-                state: pb::VolumeState::Closed as i32,
-                ..Default::default()
-            }),
-            e => Err(e),
+            device: source
+                .map(|s| s.path.display().to_string())
+                .unwrap_or_default(),
+            state: pb::VolumeState::Closed as i32,
+            ..Default::default()
         })
     }
 
@@ -579,31 +631,93 @@ impl Agent {
         Ok(self.volume_pb(&f.device, &f.header))
     }
 
-    /// Every nodecrypt volume on this node's devices.
+    /// Every nodecrypt-looking device on this node: usable volumes with their state, and
+    /// refused or unreadable headers with the reason (state `REFUSED`).
     pub async fn list(self: &Arc<Self>) -> Result<Vec<pb::Volume>> {
         let me = self.clone();
         let found = blocking(move || Ok(me.discover())).await?;
-        Ok(found
-            .iter()
-            .map(|f| self.volume_pb(&f.device, &f.header))
-            .collect())
+        Ok(found.iter().map(|p| self.probe_pb(p)).collect())
     }
 
-    /// Opens every discovered volume in parallel; one failure never blocks the others.
+    fn probe_pb(&self, p: &Probe) -> pb::Volume {
+        let refused = |volume_id: Option<&String>, e: VolumeError| pb::Volume {
+            volume_id: volume_id.cloned().unwrap_or_default(),
+            device: p.path().display().to_string(),
+            state: pb::VolumeState::Refused as i32,
+            reason: e.reason().unwrap_or_default().to_string(),
+            problem: e.to_string(),
+            ..Default::default()
+        };
+        match p {
+            Probe::Ours(f) => self.volume_pb(&f.device, &f.header),
+            Probe::Refused {
+                device,
+                claimed_volume_id,
+                refusal,
+            } => refused(
+                claimed_volume_id.as_ref(),
+                VolumeError::refused(&device.path, refusal.clone()),
+            ),
+            Probe::Stuck { path } => refused(
+                None,
+                VolumeError::Stuck {
+                    device: path.clone(),
+                    waited: discover::PROBE_TIMEOUT,
+                },
+            ),
+        }
+    }
+
+    /// The state of the volume on `dev`, or why its header is refused.
+    pub(crate) fn describe_device(&self, dev: &Device) -> pb::Volume {
+        match judged(dev.clone()) {
+            Ok(f) => self.volume_pb(&f.device, &f.header),
+            Err(e) => pb::Volume {
+                device: dev.path.display().to_string(),
+                state: pb::VolumeState::Refused as i32,
+                reason: e.reason().unwrap_or_default().to_string(),
+                problem: e.to_string(),
+                ..Default::default()
+            },
+        }
+    }
+
+    /// Opens every discovered volume in parallel; one failure never blocks the others,
+    /// and every nodecrypt-looking device that cannot be opened is reported.
     pub async fn unlock_all(self: &Arc<Self>) -> Result<Vec<pb::UnlockResult>> {
         let me = self.clone();
+        let started = Instant::now();
         let found = blocking(move || Ok(me.discover())).await?;
+        let mut out = Vec::new();
         let mut tasks = Vec::new();
-        for f in found {
+        for p in found {
+            let f = match p {
+                Probe::Ours(f) => f,
+                other => {
+                    let v = self.probe_pb(&other);
+                    warn!(volume_id = %v.volume_id, device = %v.device, reason = %v.reason, error = %v.problem, "unlock refused");
+                    out.push(pb::UnlockResult {
+                        volume_id: v.volume_id,
+                        device: v.device,
+                        ok: false,
+                        code: status::name(if matches!(other, Probe::Stuck { .. }) {
+                            Code::DeadlineExceeded
+                        } else {
+                            Code::FailedPrecondition
+                        })
+                        .to_string(),
+                        message: v.problem,
+                        reason: v.reason,
+                        duration_ms: started.elapsed().as_millis() as u64,
+                        volume: None,
+                    });
+                    continue;
+                }
+            };
             let me = self.clone();
             tasks.push(tokio::spawn(async move {
                 let started = Instant::now();
-                let volume_id = f
-                    .header
-                    .token
-                    .as_ref()
-                    .map(|(_, t)| t.volume_id.clone())
-                    .unwrap_or_default();
+                let volume_id = f.volume_id().to_string();
                 let device = f.device.path.display().to_string();
                 let r = me
                     .open(pb::OpenVolumeRequest {
@@ -628,7 +742,8 @@ impl Agent {
                             volume_id,
                             device,
                             ok: false,
-                            code: format!("{:?}", e.code()),
+                            code: status::name(e.code()).to_string(),
+                            reason: e.reason().unwrap_or_default().to_string(),
                             message: e.to_string(),
                             duration_ms,
                             volume: None,
@@ -637,7 +752,6 @@ impl Agent {
                 }
             }));
         }
-        let mut out = Vec::new();
         for t in tasks {
             out.push(t.await.map_err(|e| VolumeError::Internal(e.to_string()))?);
         }
@@ -655,15 +769,27 @@ impl Agent {
         let id = req.volume_id.clone();
         let f = blocking(move || me.find(&id)).await?;
         let me = self.clone();
+        let (d, id) = (f.device.clone(), req.volume_id.clone());
+        let lock = blocking(move || {
+            let dev = DeviceLock::acquire(&me.cfg.run_dir, &d)?;
+            Ok((dev, DeviceLock::volume(&me.cfg.run_dir, &id)?))
+        })
+        .await?;
+        // Judged again under the lock: the header decides what is left to do.
         let d = f.device.clone();
-        let lock = blocking(move || Ok(DeviceLock::acquire(&me.cfg.run_dir, &d)?)).await?;
-        let d = f.device.clone();
-        let h = blocking(move || Ok(luks::read_header(&d.path, d.size)?)).await?;
+        let h = blocking(move || Ok(judged(d)?.header)).await?;
         let (token_id, old) = h
             .token
             .clone()
-            .ok_or_else(|| VolumeError::Internal("token vanished".into()))?;
-        h.check_policy(&f.device.path, Some(&req.volume_id))?;
+            .ok_or_else(|| VolumeError::Internal("a judged header without its token".into()))?;
+        if old.volume_id != req.volume_id {
+            return Err(VolumeError::Precondition(format!(
+                "{} now carries volume {}, not {}",
+                f.device.path.display(),
+                old.volume_id,
+                req.volume_id
+            )));
+        }
         let deadline = self.deadline();
         let info = self.broker.describe(&req.volume_id, deadline).await?;
         let active_old: Vec<u64> = info
@@ -724,12 +850,12 @@ impl Agent {
             luks::set_token(&d.path, Some(token_id), &token)?;
             crash_point("rotate-after-token");
             luks::check_key(&d.path, Some(slot), new_key)?;
-            let h = luks::read_header(&d.path, d.size)?;
+            let h = judged(d.clone())?.header;
             for other in h.keyslots.iter().copied().filter(|&s| s != slot) {
                 luks::destroy_keyslot(&d.path, other)?;
                 crash_point("rotate-after-destroy-keyslot");
             }
-            Ok(luks::read_header(&d.path, d.size)?)
+            Ok(judged(d)?.header)
         })
         .await?;
         let mut retire: Vec<u64> = active_old;
@@ -755,7 +881,7 @@ impl Agent {
                 req.volume_id
             )));
         }
-        if self.mapped(&req.volume_id).is_some() || mapping::dm_status(&req.volume_id).is_some() {
+        if self.mapping_of(&req.volume_id).is_some() {
             return Err(VolumeError::Precondition(format!(
                 "volume {} is open; close it before erasing",
                 req.volume_id
@@ -766,6 +892,20 @@ impl Agent {
         let found = blocking(move || match me.find(&id) {
             Ok(f) => Ok(Some(f)),
             Err(VolumeError::NotFound(_)) => Ok(None),
+            // An erase that stopped after destroying the keyslots left a header with
+            // none: judged for that stage, it is finished.
+            Err(VolumeError::Luks(LuksError::Refused { device, refusal }))
+                if refusal.reason == "keyslot.count" =>
+            {
+                let dev = me.validate_device(&device.display().to_string())?;
+                match luks::inspect(&dev.path, dev.size, Stage::Erasing)? {
+                    Inspection::Ours(header) if header.keyslots.is_empty() => Ok(Some(Found {
+                        device: dev,
+                        header,
+                    })),
+                    _ => Err(VolumeError::refused(&device, refusal)),
+                }
+            }
             Err(e) => Err(e),
         })
         .await?;
@@ -775,6 +915,7 @@ impl Agent {
             let me = self.clone();
             blocking(move || {
                 let _lock = DeviceLock::acquire(&me.cfg.run_dir, &f.device)?;
+                let _vol = DeviceLock::volume(&me.cfg.run_dir, f.volume_id())?;
                 for slot in &f.header.keyslots {
                     luks::destroy_keyslot(&f.device.path, *slot)?;
                 }
@@ -801,14 +942,16 @@ impl Agent {
     /// The doctor's checks.
     pub async fn doctor(self: &Arc<Self>) -> Vec<pb::DoctorCheck> {
         let mut checks = Vec::new();
+        // Without device-mapper the userspace backend serves: a failure only when the
+        // agent is configured for dm-crypt alone.
         let dm = mapping::dm_available();
         checks.push(pb::DoctorCheck {
             name: "kernel dm-crypt".into(),
-            ok: dm,
-            detail: if dm {
-                "device-mapper present".into()
-            } else {
-                "no device-mapper in this kernel: volumes open through the userspace backend".into()
+            ok: dm || self.cfg.backend != BackendChoice::DmCrypt,
+            detail: match (dm, self.cfg.backend) {
+                (true, _) => "device-mapper present".into(),
+                (false, BackendChoice::DmCrypt) => "no device-mapper in this kernel, and backend = \"dm-crypt\" is configured: no volume can open (set backend = \"auto\" or \"userspace\")".into(),
+                (false, _) => "no device-mapper in this kernel: volumes open through the userspace backend".into(),
             },
         });
         let xts = nodecrypt_xts::Backend::best();
@@ -870,6 +1013,31 @@ fn cert_check(path: &Path) -> pb::DoctorCheck {
         name: "node certificate".into(),
         ok,
         detail,
+    }
+}
+
+/// Judges the header of a device given by path: usable, or the refusal (read-only).
+fn judged(dev: Device) -> Result<Found> {
+    let refuse = |reason, message: String| {
+        Err(VolumeError::refused(
+            &dev.path,
+            Refusal::new(reason, message),
+        ))
+    };
+    match luks::inspect(&dev.path, dev.size, Stage::Usable)? {
+        Inspection::Ours(header) => Ok(Found {
+            device: dev,
+            header,
+        }),
+        Inspection::Refused { refusal, .. } => Err(VolumeError::refused(&dev.path, refusal)),
+        Inspection::NotLuks => refuse(
+            "header.none",
+            "no LUKS2 header: not a LUKS2 volume".into(),
+        ),
+        Inspection::Foreign { uuid, label } => refuse(
+            "header.foreign",
+            format!("a LUKS2 header that is not nodecrypt's (uuid {uuid:?}, label {label:?}): not a nodecrypt volume"),
+        ),
     }
 }
 

@@ -31,8 +31,12 @@ struct Args {
 }
 
 fn init_tracing(format: &str) {
+    // The agent unmounts a userspace mapping itself (so a busy mount is refused and the
+    // mapping kept); fuser's session then finds it unmounted on drop and warns "Unmount
+    // failed" for every close. That one module's warnings are noise here.
     let filter = tracing_subscriber::EnvFilter::try_from_env("NODECRYPT_LOG")
-        .unwrap_or_else(|_| "info".into());
+        .unwrap_or_else(|_| "info".into())
+        .add_directive("fuser::mnt=error".parse().expect("a valid directive"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -1,8 +1,7 @@
 //! `nodecrypt`: the command line for provisioning scripts and operators. Talks to the
 //! agent's Unix socket; `bench` runs locally.
 //!
-//! Exit codes: 0 ok, 1 internal, 2 usage, 3 precondition (device holds data, in use,
-//! wrong state), 4 not found, 5 permission denied, 6 broker unavailable.
+//! Exit codes: [`nodecrypt_agent::status::EXIT_CODES`], from the one status table.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,14 +9,12 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use hyper_util::rt::TokioIo;
+use nodecrypt_agent::status::{self, EXIT_CODES};
 use nodecrypt_proto::agent::v1 as pb;
 use pb::agent_client::AgentClient;
 use serde_json::{json, Value};
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
-use tonic::Code;
-
-const EXIT_CODES: &str = "Exit codes: 0 ok, 1 internal error, 2 usage, 3 precondition (device holds data, in use, wrong state), 4 not found, 5 permission denied, 6 broker unavailable.";
 
 /// nodecrypt: LUKS2 volumes keyed by the platform's key broker.
 #[derive(Parser)]
@@ -98,8 +95,21 @@ enum Cmd {
         #[arg(long)]
         yes: bool,
     },
-    /// Check this node: kernel dm-crypt, CPU AES, broker reachability, certificates.
+    /// Check this node: kernel dm-crypt, CPU AES, broker reachability, certificates
+    /// (exit 3 when a check fails).
     Doctor,
+    /// Mend a LUKS2 header one of whose copies is damaged (or that disagree) by copying
+    /// the intact copy over the other. Says what it would do; writes only with --yes.
+    RepairHeader {
+        /// Absolute path of the device.
+        device: String,
+        /// The copy to keep when both are intact but disagree: primary or secondary.
+        #[arg(long, value_parser = ["primary", "secondary"])]
+        from: Option<String>,
+        /// Write the repair.
+        #[arg(long)]
+        yes: bool,
+    },
     /// Measure the userspace XTS engine on this CPU (runs locally, no agent needed).
     Bench {
         /// Seconds per measurement.
@@ -111,15 +121,49 @@ enum Cmd {
     },
 }
 
-fn exit_code(code: Code) -> u8 {
-    match code {
-        Code::Ok => 0,
-        Code::InvalidArgument | Code::OutOfRange => 2,
-        Code::FailedPrecondition | Code::AlreadyExists | Code::Aborted => 3,
-        Code::NotFound => 4,
-        Code::PermissionDenied | Code::Unauthenticated => 5,
-        Code::Unavailable | Code::DeadlineExceeded => 6,
-        _ => 1,
+/// A failed command: its exit code, message, and (from the agent) the status code name
+/// and a refusal's reason code.
+struct Failure {
+    exit: u8,
+    message: String,
+    code: Option<&'static str>,
+    reason: Option<String>,
+    /// The command already printed its one JSON document, which carries the outcome.
+    reported: bool,
+}
+
+impl Failure {
+    fn new(exit: u8, message: impl Into<String>) -> Self {
+        Self {
+            exit,
+            message: message.into(),
+            code: None,
+            reason: None,
+            reported: false,
+        }
+    }
+
+    /// A failure whose `--json` document was already printed.
+    fn reported(exit: u8, message: impl Into<String>) -> Self {
+        Self {
+            reported: true,
+            ..Self::new(exit, message)
+        }
+    }
+
+    fn from_status(s: tonic::Status) -> Self {
+        let reason = s
+            .metadata()
+            .get(status::REASON_KEY)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        Self {
+            exit: status::exit_code(s.code()),
+            message: s.message().to_string(),
+            code: Some(status::name(s.code())),
+            reason,
+            reported: false,
+        }
     }
 }
 
@@ -137,6 +181,7 @@ fn state_name(s: i32) -> &'static str {
         pb::VolumeState::Open => "open",
         pb::VolumeState::Closed => "closed",
         pb::VolumeState::Erased => "erased",
+        pb::VolumeState::Refused => "refused",
         pb::VolumeState::Unspecified => "unknown",
     }
 }
@@ -157,6 +202,8 @@ fn volume_json(v: &pb::Volume) -> Value {
         "luks_uuid": v.luks_uuid,
         "broker": v.broker,
         "data_size": v.data_size,
+        "reason": v.reason,
+        "message": v.problem,
     })
 }
 
@@ -171,6 +218,9 @@ fn volume_line(v: &pb::Volume) -> String {
         state_name(v.state),
         v.device
     );
+    if v.state == pb::VolumeState::Refused as i32 {
+        s += &format!("  {}", v.problem);
+    }
     if v.state == pb::VolumeState::Open as i32 {
         s += &format!("  backend={}", backend_name(v.backend));
         if !v.mapped_device.is_empty() {
@@ -189,11 +239,10 @@ fn volume_line(v: &pb::Volume) -> String {
     s
 }
 
-async fn connect(socket: PathBuf, timeout: Duration) -> Result<AgentClient<Channel>, (u8, String)> {
+async fn connect(socket: PathBuf) -> Result<AgentClient<Channel>, Failure> {
     let path = socket.clone();
     let channel = Endpoint::from_static("http://agent.invalid")
         .connect_timeout(Duration::from_secs(5))
-        .timeout(timeout)
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let path = path.clone();
             async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
@@ -203,7 +252,7 @@ async fn connect(socket: PathBuf, timeout: Duration) -> Result<AgentClient<Chann
             let denied = std::error::Error::source(&e)
                 .map(|s| s.to_string().contains("ermission denied"))
                 .unwrap_or(false);
-            (
+            Failure::new(
                 if denied { 5 } else { 1 },
                 format!(
                     "cannot reach the nodecrypt agent at {}: {e}{} (is nodecrypt-agent running? --socket overrides the path)",
@@ -238,23 +287,48 @@ async fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
-    match run(cli).await {
+    let (json_out, timeout) = (cli.json, cli.timeout);
+    let result = match tokio::time::timeout(timeout, run(cli)).await {
+        Ok(r) => r,
+        Err(_) => Err(Failure {
+            code: Some(status::name(tonic::Code::DeadlineExceeded)),
+            ..Failure::new(
+                status::exit_code(tonic::Code::DeadlineExceeded),
+                format!(
+                    "no answer within --timeout {}; the agent may still finish the operation (every flow is safe to re-run)",
+                    humantime::format_duration(timeout)
+                ),
+            )
+        }),
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err((code, msg)) => {
-            eprintln!("nodecrypt: {msg}");
-            ExitCode::from(code)
+        Err(f) => {
+            eprintln!("nodecrypt: {}", f.message);
+            if json_out && !f.reported {
+                println!(
+                    "{}",
+                    json!({"error": {
+                        "code": f.code.unwrap_or("UNKNOWN"),
+                        "exit": f.exit,
+                        "reason": f.reason.unwrap_or_default(),
+                        "message": f.message,
+                    }})
+                );
+            }
+            ExitCode::from(f.exit)
         }
     }
 }
 
-async fn run(cli: Cli) -> Result<(), (u8, String)> {
+async fn run(cli: Cli) -> Result<(), Failure> {
     let json_out = cli.json;
     if let Cmd::Bench { seconds, threads } = cli.cmd {
         if !(seconds > 0.0 && seconds <= 600.0) {
-            return Err((2, "--seconds must be in (0, 600]".into()));
+            return Err(Failure::new(2, "--seconds must be in (0, 600]"));
         }
         if threads == 0 || threads > 256 {
-            return Err((2, "--threads must be in 1..=256".into()));
+            return Err(Failure::new(2, "--threads must be in 1..=256"));
         }
         let rows = bench(seconds, threads);
         if json_out {
@@ -273,8 +347,8 @@ async fn run(cli: Cli) -> Result<(), (u8, String)> {
         }
         return Ok(());
     }
-    let mut c = connect(cli.socket.clone(), cli.timeout).await?;
-    let st = |s: tonic::Status| (exit_code(s.code()), s.message().to_string());
+    let mut c = connect(cli.socket.clone()).await?;
+    let st = Failure::from_status;
     let print_volume = |verb: &str, v: &pb::Volume| {
         if json_out {
             println!("{}", volume_json(v));
@@ -310,7 +384,7 @@ async fn run(cli: Cli) -> Result<(), (u8, String)> {
             allow_discards,
         } => {
             if device.is_none() == volume_id.is_none() {
-                return Err((2, "give either a DEVICE or --volume-id".into()));
+                return Err(Failure::new(2, "give either a DEVICE or --volume-id"));
             }
             let v = c
                 .open_volume(pb::OpenVolumeRequest {
@@ -385,7 +459,8 @@ async fn run(cli: Cli) -> Result<(), (u8, String)> {
                     .map(|x| {
                         json!({
                             "volume_id": x.volume_id, "device": x.device, "ok": x.ok,
-                            "code": x.code, "message": x.message, "duration_ms": x.duration_ms,
+                            "code": x.code, "reason": x.reason, "message": x.message,
+                            "duration_ms": x.duration_ms,
                             "volume": x.volume.as_ref().map(volume_json),
                         })
                     })
@@ -412,16 +487,13 @@ async fn run(cli: Cli) -> Result<(), (u8, String)> {
                     .results
                     .iter()
                     .filter(|x| !x.ok)
-                    .map(|x| match x.code.as_str() {
-                        "Unavailable" | "DeadlineExceeded" => 6,
-                        "NotFound" => 4,
-                        "PermissionDenied" => 5,
-                        "FailedPrecondition" => 3,
-                        _ => 1,
-                    })
+                    .map(|x| status::from_name(&x.code).map_or(1, status::exit_code))
                     .max()
                     .unwrap_or(1);
-                return Err((worst, format!("{failed} volume(s) failed to unlock")));
+                return Err(Failure::reported(
+                    worst,
+                    format!("{failed} volume(s) failed to unlock"),
+                ));
             }
         }
         Cmd::Rotate { volume_id } => {
@@ -434,7 +506,7 @@ async fn run(cli: Cli) -> Result<(), (u8, String)> {
         }
         Cmd::Erase { volume_id, yes } => {
             if !yes {
-                return Err((
+                return Err(Failure::new(
                     2,
                     format!(
                         "erasing {volume_id} makes its data unrecoverable; pass --yes to confirm"
@@ -474,6 +546,49 @@ async fn run(cli: Cli) -> Result<(), (u8, String)> {
                         x.detail
                     );
                 }
+            }
+            if bad > 0 {
+                return Err(Failure::reported(3, format!("{bad} check(s) failed")));
+            }
+        }
+        Cmd::RepairHeader { device, from, yes } => {
+            let r = c
+                .repair_header(pb::RepairHeaderRequest {
+                    device,
+                    from: from.unwrap_or_default(),
+                    confirm: yes,
+                })
+                .await
+                .map_err(st)?
+                .into_inner();
+            if json_out {
+                println!(
+                    "{}",
+                    json!({
+                        "device": r.device, "problem": r.problem, "from": r.from, "to": r.to,
+                        "offset": r.offset, "length": r.length, "done": r.done,
+                        "volume": r.volume.as_ref().map(volume_json),
+                    })
+                );
+            } else if r.from.is_empty() {
+                println!("{}: {}", r.device, r.problem);
+            } else {
+                println!(
+                    "{}: {}\n{} the {} header copy over the {} copy ({} bytes at offset {})",
+                    r.device,
+                    r.problem,
+                    if r.done { "copied" } else { "would copy" },
+                    r.from,
+                    r.to,
+                    r.length,
+                    r.offset
+                );
+            }
+            if !r.done {
+                return Err(Failure::reported(
+                    2,
+                    "nothing written: pass --yes to repair",
+                ));
             }
         }
         Cmd::Bench { .. } => unreachable!("handled above"),

@@ -20,6 +20,12 @@ use zeroize::Zeroizing;
 
 use crate::key::{MasterKey, SlotKey, KEY_LEN};
 
+pub mod header;
+pub mod policy;
+
+pub use header::Refusal;
+pub use policy::Stage;
+
 /// Cipher and mode of every nodecrypt volume.
 pub const CIPHER: &str = "aes";
 /// XTS with the plain64 IV, as dm-crypt names it.
@@ -33,8 +39,6 @@ pub const TOKEN_TYPE: &str = "nodecrypt";
 /// PBKDF2 iterations: libcryptsetup's minimum. The keyslot key is 512 random bits from the
 /// broker, so key stretching adds boot time and no security.
 pub const PBKDF2_ITERATIONS: u32 = 1000;
-/// The LUKS2 magic of the primary header.
-const LUKS_MAGIC: &[u8; 6] = b"LUKS\xba\xbe";
 
 /// Sends libcryptsetup's own log messages to `trace!` (target `libcryptsetup`, with the
 /// library's level as a field). Call once at the top of `main`, before other threads run.
@@ -74,13 +78,14 @@ pub enum LuksError {
         /// Device path.
         device: PathBuf,
     },
-    /// The header is not one nodecrypt accepts (untrusted input).
-    #[error("{device}: {what}")]
-    Policy {
+    /// The header is not one nodecrypt accepts (untrusted input): judged from its bytes,
+    /// before any key was fetched.
+    #[error("{device}: LUKS2 header refused ({}): {}", .refusal.reason, .refusal.message)]
+    Refused {
         /// Device path.
         device: PathBuf,
-        /// What is wrong with it.
-        what: String,
+        /// The reason code and what is wrong.
+        refusal: Refusal,
     },
     /// Plain I/O on the device failed.
     #[error("{device}: {source}")]
@@ -125,148 +130,191 @@ impl Token {
             "broker": self.broker,
         })
     }
-
-    fn from_json(v: &Value) -> Option<Token> {
-        if v.get("type")?.as_str()? != TOKEN_TYPE {
-            return None;
-        }
-        let keyslots = v.get("keyslots")?.as_array()?;
-        let keyslot = match keyslots.as_slice() {
-            [one] => one.as_str()?.parse().ok()?,
-            _ => return None,
-        };
-        Some(Token {
-            keyslot,
-            volume_id: v.get("volume_id")?.as_str()?.to_string(),
-            key_version: v.get("key_version")?.as_u64()?,
-            broker: v
-                .get("broker")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string(),
-        })
-    }
 }
 
-/// A LUKS2 header as read from a device, before any key is used.
+/// A LUKS2 header that passed [`policy::judge`]: exactly what nodecrypt writes.
 #[derive(Debug, Clone)]
 pub struct Header {
     /// The header UUID.
     pub uuid: String,
     /// The header label (nodecrypt: the volume id).
     pub label: String,
-    /// The header subsystem (nodecrypt: `nodecrypt`).
+    /// The header subsystem (`nodecrypt`).
     pub subsystem: String,
     /// Cipher spec of segment 0 (`aes-xts-plain64`).
     pub cipher: String,
-    /// Volume key size in bits.
+    /// Volume key size in bits (512).
     pub key_bits: u32,
-    /// Encryption sector size of segment 0.
+    /// Encryption sector size of segment 0 (512 or 4096).
     pub sector_size: u32,
     /// Byte offset of the data segment.
     pub data_offset: u64,
     /// Byte size of the data segment (device size minus offset for `dynamic`).
     pub data_size: u64,
-    /// Keyslots in use.
+    /// Keyslots in use (one; two while a rotation is under way).
     pub keyslots: Vec<u32>,
-    /// The token id and contents of the nodecrypt token, if any.
+    /// The token id and contents of the nodecrypt token (`None` only when judged with
+    /// [`Stage::Formatting`]).
     pub token: Option<(u32, Token)>,
-    /// Number of tokens of other types.
-    pub foreign_tokens: usize,
-    /// Mandatory requirement flags the header declares.
-    pub requirements: Vec<String>,
-    /// Number of segments.
-    pub segments: usize,
+    /// Size of one header copy.
+    pub hdr_size: u64,
+    /// The header's sequence id.
+    pub seqid: u64,
 }
 
 impl Header {
-    /// Whether the header looks like one nodecrypt wrote (label and subsystem), token or not.
-    pub fn is_ours(&self) -> bool {
-        self.subsystem == SUBSYSTEM
+    /// The nodecrypt token (present whenever the header was judged with a token).
+    pub fn token(&self) -> Option<&Token> {
+        self.token.as_ref().map(|(_, t)| t)
     }
+}
 
-    /// Checks the header against nodecrypt's policy before any key is used: LUKS2, one
-    /// crypt segment of aes-xts-plain64 with a 512-bit key inside the device, no
-    /// requirement flags, a nodecrypt token naming `volume_id` (when given).
-    pub fn check_policy(
-        &self,
-        device: &Path,
-        volume_id: Option<&str>,
-    ) -> Result<&Token, LuksError> {
-        let bad = |what: String| LuksError::Policy {
-            device: device.to_path_buf(),
-            what,
-        };
-        if self.segments != 1 {
-            return Err(bad(format!(
-                "has {} data segments; nodecrypt volumes have exactly one",
-                self.segments
-            )));
+/// What a device holds, judged from its bytes alone (nothing is written, libcryptsetup is
+/// not involved).
+#[derive(Debug)]
+pub enum Inspection {
+    /// No LUKS2 header at all.
+    NotLuks,
+    /// A LUKS2 header that is not nodecrypt's (another subsystem, no nodecrypt token).
+    Foreign {
+        /// Its UUID, if readable.
+        uuid: String,
+        /// Its label, if readable.
+        label: String,
+    },
+    /// A header that looks like nodecrypt's but is not usable as it is.
+    Refused {
+        /// The volume id the header claims (token, else label), if any: untrusted.
+        claimed_volume_id: Option<String>,
+        /// Why.
+        refusal: Refusal,
+    },
+    /// A usable nodecrypt header.
+    Ours(Header),
+}
+
+/// Reads the bytes [`header::parse`] needs from the start of `device`: the primary
+/// binary header, then both copies of the size it declares (or, when the primary is
+/// unreadable, up to the secondary copy it can find). Bounded by [`header::MAX_PREFIX`].
+pub fn read_prefix(device: &Path, device_size: u64) -> Result<Vec<u8>, LuksError> {
+    use std::io::{Seek, SeekFrom};
+    let io = |source| LuksError::Io {
+        device: device.to_path_buf(),
+        source,
+    };
+    let mut f = std::fs::File::open(device).map_err(io)?;
+    let mut read_at = |offset: u64, len: u64| -> Result<Vec<u8>, LuksError> {
+        let len = len.min(device_size.saturating_sub(offset));
+        let mut buf = vec![0u8; len as usize];
+        f.seek(SeekFrom::Start(offset)).map_err(io)?;
+        f.read_exact(&mut buf).map_err(io)?;
+        Ok(buf)
+    };
+    let first = read_at(0, header::BINARY_SIZE as u64)?;
+    let want = match header::declared_size(&first) {
+        Some(size) => 2 * size,
+        None => {
+            // The primary is unreadable: look for a secondary copy where one may lie.
+            let mut found = 0;
+            for &o in &header::SECONDARY_OFFSETS {
+                if o + 8 > device_size {
+                    break;
+                }
+                if header::has_secondary_magic(&read_at(o, 8)?) {
+                    found = 2 * o;
+                    break;
+                }
+            }
+            found
         }
-        if self.cipher != CIPHER_SPEC || self.key_bits != 512 {
-            return Err(bad(format!(
-                "cipher {} with a {}-bit key is not nodecrypt's {CIPHER_SPEC} with a 512-bit key",
-                self.cipher, self.key_bits
-            )));
-        }
-        if self.sector_size != 512 && self.sector_size != 4096 {
-            return Err(bad(format!("unsupported sector size {}", self.sector_size)));
-        }
-        if !self.requirements.is_empty() {
-            return Err(bad(format!(
-                "declares requirements {:?} (e.g. an unfinished reencryption); refusing to use it",
-                self.requirements
-            )));
-        }
-        if self.data_size == 0 {
-            return Err(bad("data segment lies outside the device".into()));
-        }
-        let (_, token) = self.token.as_ref().ok_or_else(|| {
-            bad("LUKS2 volume without a nodecrypt token: not a nodecrypt volume".into())
-        })?;
-        if !self.keyslots.contains(&token.keyslot) {
-            return Err(bad(format!(
-                "the nodecrypt token names keyslot {} which is not in use",
-                token.keyslot
-            )));
-        }
-        if let Some(id) = volume_id {
-            if token.volume_id != id {
-                return Err(bad(format!(
-                    "belongs to volume {:?}, not {id:?}",
-                    token.volume_id
-                )));
+    };
+    if want <= first.len() as u64 {
+        return Ok(first);
+    }
+    read_at(0, want.min(header::MAX_PREFIX))
+}
+
+/// Whether any header copy in `prefix` says it is nodecrypt's (subsystem, or a nodecrypt
+/// token in its JSON), however damaged the rest is, and the volume id it claims.
+fn looks_ours(prefix: &[u8]) -> (bool, Option<String>) {
+    let mut ours = header::subsystem_of(prefix).is_some_and(|s| s == SUBSYSTEM);
+    let mut claimed: Option<String> = None;
+    if let Some(c) = header::copies(prefix) {
+        for copy in [&c.primary, &c.secondary].into_iter().flatten() {
+            ours |= copy.binary.subsystem == SUBSYSTEM;
+            let token = copy.json["tokens"].as_object().and_then(|t| {
+                t.values()
+                    .find(|v| v["type"] == TOKEN_TYPE)
+                    .and_then(|v| v["volume_id"].as_str())
+            });
+            ours |= token.is_some();
+            if claimed.is_none() {
+                claimed = token
+                    .map(str::to_string)
+                    .or_else(|| (!copy.binary.label.is_empty()).then(|| copy.binary.label.clone()));
             }
         }
-        Ok(token)
+        let end = (2 * c.hdr_size as usize).min(prefix.len());
+        ours |= prefix[..end]
+            .windows(TOKEN_NEEDLE.len())
+            .any(|w| w == TOKEN_NEEDLE);
     }
+    let claimed = claimed.filter(|id| crate::volume::validate_volume_id(id).is_ok());
+    (ours, claimed)
 }
 
-/// Whether the first bytes of `device` carry the LUKS magic with version 2. Plain reads
-/// only: cheap enough for discovery across every block device.
-pub fn has_luks2_magic(device: &Path) -> bool {
-    let mut buf = [0u8; 8];
-    std::fs::File::open(device)
-        .and_then(|mut f| f.read_exact(&mut buf))
-        .map(|_| &buf[..6] == LUKS_MAGIC && buf[6..8] == [0, 2])
-        .unwrap_or(false)
+/// How a nodecrypt token's type appears in a JSON area libcryptsetup wrote.
+const TOKEN_NEEDLE: &[u8] = b"\"type\":\"nodecrypt\"";
+
+/// Judges the header of `device` (`device_size` bytes) from its bytes alone: integrity of
+/// both copies, then nodecrypt's allowlist ([`policy::judge`]). Reads at most
+/// [`header::MAX_PREFIX`] bytes and never writes.
+pub fn inspect(device: &Path, device_size: u64, rule: Stage) -> Result<Inspection, LuksError> {
+    let prefix = read_prefix(device, device_size)?;
+    Ok(judge_prefix(&prefix, device_size, rule))
 }
 
-/// Label and subsystem from the primary binary header (libcryptsetup has no getter).
-fn label_and_subsystem(device: &Path) -> Result<(String, String), LuksError> {
-    let mut buf = vec![0u8; 256];
-    std::fs::File::open(device)
-        .and_then(|mut f| f.read_exact(&mut buf))
-        .map_err(|source| LuksError::Io {
-            device: device.to_path_buf(),
-            source,
-        })?;
-    let field = |range: std::ops::Range<usize>| {
-        let raw = &buf[range];
-        let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
-        String::from_utf8_lossy(&raw[..end]).into_owned()
+/// [`inspect`] over bytes already read: pure.
+pub fn judge_prefix(prefix: &[u8], device_size: u64, rule: Stage) -> Inspection {
+    let primary_magic = prefix.len() >= 6 && &prefix[..4] == b"LUKS";
+    let (ours, claimed_volume_id) = looks_ours(prefix);
+    if !primary_magic && !ours {
+        return match header::copies(prefix) {
+            Some(_) => Inspection::Foreign {
+                uuid: String::new(),
+                label: String::new(),
+            },
+            None => Inspection::NotLuks,
+        };
+    }
+    let parsed = match header::parse(prefix) {
+        Ok(p) => p,
+        Err(refusal) if ours => {
+            return Inspection::Refused {
+                claimed_volume_id,
+                refusal,
+            }
+        }
+        Err(_) => {
+            return Inspection::Foreign {
+                uuid: String::new(),
+                label: String::new(),
+            }
+        }
     };
-    Ok((field(24..72), field(208..256)))
+    if !ours {
+        return Inspection::Foreign {
+            uuid: parsed.binary().uuid.clone(),
+            label: parsed.binary().label.clone(),
+        };
+    }
+    match policy::judge(&parsed, device_size, rule) {
+        Ok(h) => Inspection::Ours(h),
+        Err(refusal) => Inspection::Refused {
+            claimed_volume_id,
+            refusal,
+        },
+    }
 }
 
 fn init(device: &Path) -> Result<CryptDevice, LuksError> {
@@ -298,100 +346,6 @@ fn pbkdf() -> CryptPbkdfType {
         parallel_threads: 0,
         flags: CryptPbkdf::NO_BENCHMARK,
     }
-}
-
-/// Reads and parses the LUKS2 header of `device` (never writes). `device_size` bounds
-/// the data segment.
-pub fn read_header(device: &Path, device_size: u64) -> Result<Header, LuksError> {
-    let mut cd = load(device)?;
-    let meta = cd
-        .status_handle()
-        .dump_json()
-        .map_err(LuksError::crypt(device, "read LUKS2 metadata"))?;
-    let uuid = cd
-        .status_handle()
-        .get_uuid()
-        .map(|u| u.to_string())
-        .unwrap_or_default();
-    drop(cd);
-    let (label, subsystem) = label_and_subsystem(device)?;
-    let bad = |what: &str| LuksError::Policy {
-        device: device.to_path_buf(),
-        what: format!("malformed LUKS2 metadata: {what}"),
-    };
-    let segments = meta
-        .get("segments")
-        .and_then(Value::as_object)
-        .ok_or_else(|| bad("no segments"))?;
-    let seg = segments.get("0").ok_or_else(|| bad("no segment 0"))?;
-    let num = |v: Option<&Value>| -> Option<u64> {
-        match v? {
-            Value::String(s) => s.parse().ok(),
-            Value::Number(n) => n.as_u64(),
-            _ => None,
-        }
-    };
-    let data_offset = num(seg.get("offset")).ok_or_else(|| bad("segment offset"))?;
-    let data_size = match seg.get("size").and_then(Value::as_str) {
-        Some("dynamic") => device_size.saturating_sub(data_offset),
-        _ => {
-            let size = num(seg.get("size")).ok_or_else(|| bad("segment size"))?;
-            if data_offset.saturating_add(size) > device_size {
-                0
-            } else {
-                size
-            }
-        }
-    };
-    let keyslots_obj = meta.get("keyslots").and_then(Value::as_object);
-    let mut keyslots: Vec<u32> = keyslots_obj
-        .map(|m| m.keys().filter_map(|k| k.parse().ok()).collect())
-        .unwrap_or_default();
-    keyslots.sort_unstable();
-    let key_bits = keyslots_obj
-        .and_then(|m| m.values().next())
-        .and_then(|k| k.get("key_size"))
-        .and_then(Value::as_u64)
-        .map(|b| (b * 8) as u32)
-        .unwrap_or(0);
-    let mut token = None;
-    let mut foreign_tokens = 0;
-    if let Some(tokens) = meta.get("tokens").and_then(Value::as_object) {
-        for (id, t) in tokens {
-            match (id.parse::<u32>().ok(), Token::from_json(t)) {
-                (Some(id), Some(tok)) if token.is_none() => token = Some((id, tok)),
-                _ => foreign_tokens += 1,
-            }
-        }
-    }
-    let requirements = meta
-        .pointer("/config/requirements/mandatory")
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .map(|v| v.as_str().unwrap_or("?").to_string())
-                .collect()
-        })
-        .unwrap_or_default();
-    Ok(Header {
-        uuid,
-        label,
-        subsystem,
-        cipher: seg
-            .get("encryption")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string(),
-        key_bits,
-        sector_size: seg.get("sector_size").and_then(Value::as_u64).unwrap_or(0) as u32,
-        data_offset,
-        data_size,
-        keyslots,
-        token,
-        foreign_tokens,
-        requirements,
-        segments: segments.len(),
-    })
 }
 
 /// Writes a fresh LUKS2 header (aes-xts-plain64, 512-bit volume key generated by
