@@ -9,7 +9,6 @@ pub mod discover;
 pub mod key;
 pub mod luks;
 pub mod mapping;
-pub mod repair;
 pub mod service;
 pub mod status;
 pub mod userspace;

@@ -11,10 +11,10 @@ use std::sync::Arc;
 use nodecrypt_proto::agent::v1 as pb;
 use tracing::{info, warn};
 
+use super::{Agent, VolumeError};
 use crate::device::{self, DeviceError, DeviceLock, Kind};
 use crate::luks::header::{self, Which};
 use crate::luks::{self, Inspection, Refusal, Stage};
-use crate::volume::{Agent, VolumeError};
 
 fn which(name: &str) -> Result<Option<Which>, VolumeError> {
     match name {

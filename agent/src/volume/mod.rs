@@ -1,0 +1,264 @@
+//! The flows — format, open, close, status, unlock-all, rotate, erase — shared by the gRPC
+//! service, the CLI (through the service) and boot-time unlock. Each is idempotent and
+//! safe to re-run after a crash at any step (crash points name every step).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use nodecrypt_proto::agent::v1 as pb;
+use tracing::warn;
+
+use crate::broker::Broker;
+use crate::config::Config;
+use crate::device::{self, Device};
+use crate::discover::{self, Found, Probe};
+use crate::luks::{self, Header, Inspection, Refusal, Stage};
+use crate::mapping::{self, Mapped, Source};
+
+mod doctor;
+mod erase;
+mod error;
+mod format;
+mod inspect;
+mod open;
+mod repair;
+mod rotate;
+mod unlock;
+
+pub use error::{Result, VolumeError};
+
+/// Kills the process at a named step when the test-only `failpoints` feature is on and
+/// `FAILPOINTS=<name>=return` is set: proves every flow resumes after a crash.
+pub fn crash_point(name: &'static str) {
+    let _ = name; // used only with the failpoints feature
+    fail::fail_point!(name, |_| {
+        warn!(failpoint = name, "failpoint: killing the agent");
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    });
+}
+
+/// Validates a volume id: 1–63 characters of `[a-z0-9-]`, starting and ending with a
+/// letter or digit (a DNS label; UUIDs qualify).
+pub fn validate_volume_id(id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 63
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !id.starts_with('-')
+        && !id.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(VolumeError::InvalidArgument(format!(
+            "invalid volume id {:?}: use 1-63 characters a-z, 0-9 and '-', not starting or ending with '-'",
+            id.chars().take(80).collect::<String>()
+        )))
+    }
+}
+
+pub(crate) fn validate_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 100
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        && !name.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(VolumeError::InvalidArgument(format!(
+            "invalid mapping name {name:?}: use letters, digits, '-', '_' and '.'"
+        )))
+    }
+}
+
+/// Runs blocking work (libcryptsetup, device I/O, flock) off the async reactor.
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| VolumeError::Internal(format!("worker thread failed: {e}")))?
+}
+
+/// The agent: configuration, broker client, live mappings.
+pub struct Agent {
+    cfg: Config,
+    broker: Broker,
+    mappings: Mutex<HashMap<String, Mapped>>,
+}
+
+impl Agent {
+    /// An agent for `cfg` (no I/O until a flow runs).
+    pub fn new(cfg: Config) -> Result<Arc<Agent>> {
+        let broker = Broker::new(&cfg.broker)?;
+        std::fs::create_dir_all(&cfg.run_dir)
+            .map_err(|e| VolumeError::Internal(format!("{}: {e}", cfg.run_dir.display())))?;
+        mapping::cleanup_stale(&cfg.run_dir);
+        Ok(Arc::new(Agent {
+            cfg,
+            broker,
+            mappings: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.cfg.unlock_deadline
+    }
+
+    fn validate_device(&self, path: &str) -> Result<Device> {
+        Ok(device::validate(path, self.cfg.allow_file_devices)?)
+    }
+
+    /// Every device the agent may look at: block devices, and configured files.
+    fn candidates(&self) -> Vec<PathBuf> {
+        let mut out = device::block_devices();
+        if self.cfg.allow_file_devices {
+            out.extend(self.cfg.file_devices.iter().cloned());
+        }
+        out
+    }
+
+    /// Every device that looks like nodecrypt's, judged. Read-only; foreign and
+    /// unreadable devices are left out, a device that hangs is reported.
+    fn discover(&self) -> Vec<Probe> {
+        discover::discover(
+            self.candidates(),
+            self.cfg.allow_file_devices,
+            discover::PROBE_TIMEOUT,
+        )
+    }
+
+    /// The one usable device carrying `volume_id`. A device whose header is refused but
+    /// claims this id makes the error that refusal, so the operator learns why.
+    fn find(&self, volume_id: &str) -> Result<Found> {
+        let mut hits = Vec::new();
+        let mut refused = None;
+        for p in self.discover() {
+            match p {
+                Probe::Ours(f) if f.volume_id() == volume_id => hits.push(f),
+                Probe::Refused {
+                    device,
+                    claimed_volume_id: Some(id),
+                    refusal,
+                } if id == volume_id => {
+                    refused.get_or_insert(VolumeError::refused(&device.path, refusal));
+                }
+                _ => {}
+            }
+        }
+        match hits.len() {
+            0 => Err(refused.unwrap_or_else(|| {
+                VolumeError::NotFound(format!(
+                    "no device carries volume {volume_id} (scanned block devices{})",
+                    if self.cfg.allow_file_devices {
+                        " and configured files"
+                    } else {
+                        ""
+                    }
+                ))
+            })),
+            1 => Ok(hits.remove(0)),
+            _ => Err(VolumeError::Precondition(format!(
+                "volume {volume_id} is on several devices ({}); open it by device path",
+                hits.iter()
+                    .map(|f| f.device.path.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+        }
+    }
+
+    /// The live mapping of `volume_id` (ours, or a dm-crypt mapping the kernel holds).
+    fn mapping_of(&self, volume_id: &str) -> Option<(pb::Volume, Option<Source>)> {
+        let maps = self.mappings.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = maps.get(volume_id) {
+            return Some((m.describe(), m.source().cloned()));
+        }
+        drop(maps);
+        mapping::dm_status(volume_id).map(|m| (m.describe(), m.source().cloned()))
+    }
+
+    fn volume_pb(&self, dev: &Device, h: &Header) -> pb::Volume {
+        let token = h.token.as_ref().map(|(_, t)| t.clone());
+        let volume_id = token
+            .as_ref()
+            .map(|t| t.volume_id.clone())
+            .unwrap_or_default();
+        let mut v = pb::Volume {
+            volume_id: volume_id.clone(),
+            device: dev.path.display().to_string(),
+            state: pb::VolumeState::Closed as i32,
+            key_version: token.as_ref().map(|t| t.key_version).unwrap_or(0),
+            sector_size: h.sector_size,
+            cipher: h.cipher.clone(),
+            key_bits: h.key_bits,
+            luks_uuid: h.uuid.clone(),
+            broker: token.map(|t| t.broker).unwrap_or_default(),
+            data_size: h.data_size,
+            ..Default::default()
+        };
+        if let Some((m, _)) = self
+            .mapping_of(&volume_id)
+            .filter(|(_, src)| src.as_ref().is_none_or(|s| s.id == dev.id))
+        {
+            v.state = pb::VolumeState::Open as i32;
+            v.backend = m.backend;
+            v.mapped_device = m.mapped_device;
+            v.mapped_file = m.mapped_file;
+            v.name = m.name;
+        }
+        v
+    }
+
+    /// Stops: closes userspace mappings that are not in use (dm-crypt mappings live in
+    /// the kernel and stay).
+    pub fn shutdown(&self) {
+        let maps: Vec<(String, Mapped)> = self
+            .mappings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .collect();
+        for (id, m) in maps {
+            if matches!(m, Mapped::User { .. }) {
+                if let Err((_, e)) = m.close() {
+                    warn!(volume_id = %id, error = %e, "userspace mapping left behind at shutdown");
+                }
+            }
+        }
+    }
+}
+
+/// Judges the header of a device given by path: usable, or the refusal (read-only).
+pub(crate) fn judged(dev: Device) -> Result<Found> {
+    let refuse = |reason, message: String| {
+        Err(VolumeError::refused(
+            &dev.path,
+            Refusal::new(reason, message),
+        ))
+    };
+    match luks::inspect(&dev.path, dev.size, Stage::Usable)? {
+        Inspection::Ours(header) => Ok(Found {
+            device: dev,
+            header,
+        }),
+        Inspection::Refused { refusal, .. } => Err(VolumeError::refused(&dev.path, refusal)),
+        Inspection::NotLuks => refuse(
+            "header.none",
+            "no LUKS2 header: not a LUKS2 volume".into(),
+        ),
+        Inspection::Foreign { uuid, label } => refuse(
+            "header.foreign",
+            format!("a LUKS2 header that is not nodecrypt's (uuid {uuid:?}, label {label:?}): not a nodecrypt volume"),
+        ),
+    }
+}
