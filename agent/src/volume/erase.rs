@@ -17,22 +17,20 @@ impl Agent {
     pub async fn erase(self: &Arc<Self>, req: pb::EraseVolumeRequest) -> Result<pb::Volume> {
         validate_volume_id(&req.volume_id)?;
         if !req.confirm {
-            return Err(VolumeError::InvalidArgument(format!(
-                "erasing {} destroys its data for good; confirm it (nodecrypt erase --yes)",
-                req.volume_id
-            )));
+            return Err(VolumeError::EraseNotConfirmed {
+                volume_id: req.volume_id,
+            });
         }
         if self.mapping_of(&req.volume_id).is_some() {
-            return Err(VolumeError::Precondition(format!(
-                "volume {} is open; close it before erasing",
-                req.volume_id
-            )));
+            return Err(VolumeError::EraseWhileOpen {
+                volume_id: req.volume_id,
+            });
         }
         let me = self.clone();
         let id = req.volume_id.clone();
         let found = blocking(move || match me.find(&id) {
             Ok(f) => Ok(Some(f)),
-            Err(VolumeError::NotFound(_)) => Ok(None),
+            Err(VolumeError::NotOnAnyDevice { .. }) => Ok(None),
             // An erase that stopped after destroying the keyslots left a header with
             // none: judged for that stage, it is finished.
             Err(VolumeError::Luks(LuksError::Refused { device, refusal }))

@@ -16,10 +16,9 @@ impl Agent {
     pub async fn format(self: &Arc<Self>, req: pb::FormatVolumeRequest) -> Result<pb::Volume> {
         validate_volume_id(&req.volume_id)?;
         if !matches!(req.sector_size, 0 | 512 | 4096) {
-            return Err(VolumeError::InvalidArgument(format!(
-                "sector size {} is not 512 or 4096",
-                req.sector_size
-            )));
+            return Err(VolumeError::InvalidSectorSize {
+                size: req.sector_size,
+            });
         }
         let dev = self.validate_device(&req.device)?;
         let me = self.clone();
@@ -33,8 +32,8 @@ impl Agent {
         let (key, version) = match state {
             Precheck::Done(h) => {
                 // Prove the broker's key still opens it, then answer success.
-                let tok = h.token().cloned().ok_or_else(|| {
-                    VolumeError::Internal("a judged header without its token".into())
+                let tok = h.token().cloned().ok_or_else(|| VolumeError::NoToken {
+                    device: dev.path.clone(),
                 })?;
                 let (key, _, _) = self
                     .broker
@@ -66,11 +65,11 @@ impl Agent {
             s => s,
         };
         if sector_size < dev.logical_block_size() {
-            return Err(VolumeError::InvalidArgument(format!(
-                "{}: sector size {sector_size} is below the device's logical block size {}",
-                dev.path.display(),
-                dev.logical_block_size()
-            )));
+            return Err(VolumeError::SectorBelowBlock {
+                device: dev.path.clone(),
+                sector: sector_size,
+                block: dev.logical_block_size(),
+            });
         }
         let token = Token {
             keyslot: 0,
@@ -111,17 +110,16 @@ impl Agent {
     fn format_precheck(&self, dev: &Device, volume_id: &str, force: bool) -> Result<Precheck> {
         dev.check_not_in_use()?;
         if dev.size < device::MIN_DEVICE_SIZE {
-            return Err(VolumeError::Precondition(format!(
-                "{}: {} bytes is smaller than the minimum of 32 MiB",
-                dev.path.display(),
-                dev.size
-            )));
+            return Err(VolumeError::TooSmall {
+                device: dev.path.clone(),
+                size: dev.size,
+            });
         }
         let overwrite = |what: String| {
-            Err(VolumeError::Precondition(format!(
-                "{} {what}; refusing to overwrite it (--force overrides)",
-                dev.path.display()
-            )))
+            Err(VolumeError::WouldOverwrite {
+                device: dev.path.clone(),
+                what,
+            })
         };
         match luks::inspect(&dev.path, dev.size, Stage::Usable)? {
             Inspection::Ours(h) if h.token().is_some_and(|t| t.volume_id == volume_id) => {
@@ -160,11 +158,10 @@ impl Agent {
         }
         let sigs = dev.signatures()?;
         if !sigs.is_empty() && !force {
-            return Err(VolumeError::Precondition(format!(
-                "{} holds data ({}); refusing to format it (--force overrides)",
-                dev.path.display(),
-                sigs.join(", ")
-            )));
+            return Err(VolumeError::HoldsData {
+                device: dev.path.clone(),
+                signatures: sigs,
+            });
         }
         Ok(Precheck::Fresh)
     }

@@ -52,10 +52,9 @@ pub fn validate_volume_id(id: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(VolumeError::InvalidArgument(format!(
-            "invalid volume id {:?}: use 1-63 characters a-z, 0-9 and '-', not starting or ending with '-'",
-            id.chars().take(80).collect::<String>()
-        )))
+        Err(VolumeError::InvalidVolumeId {
+            given: id.chars().take(80).collect(),
+        })
     }
 }
 
@@ -69,9 +68,9 @@ pub(crate) fn validate_name(name: &str) -> Result<()> {
     if ok {
         Ok(())
     } else {
-        Err(VolumeError::InvalidArgument(format!(
-            "invalid mapping name {name:?}: use letters, digits, '-', '_' and '.'"
-        )))
+        Err(VolumeError::InvalidName {
+            given: name.chars().take(120).collect(),
+        })
     }
 }
 
@@ -81,7 +80,9 @@ pub(crate) async fn blocking<T: Send + 'static>(
 ) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| VolumeError::Internal(format!("worker thread failed: {e}")))?
+        .map_err(|e| VolumeError::Worker {
+            detail: e.to_string(),
+        })?
 }
 
 /// The agent: configuration, broker client, live mappings.
@@ -95,8 +96,10 @@ impl Agent {
     /// An agent for `cfg` (no I/O until a flow runs).
     pub fn new(cfg: Config) -> Result<Arc<Agent>> {
         let broker = Broker::new(&cfg.broker)?;
-        std::fs::create_dir_all(&cfg.run_dir)
-            .map_err(|e| VolumeError::Internal(format!("{}: {e}", cfg.run_dir.display())))?;
+        std::fs::create_dir_all(&cfg.run_dir).map_err(|source| VolumeError::RunDir {
+            path: cfg.run_dir.clone(),
+            source,
+        })?;
         mapping::cleanup_stale(&cfg.run_dir);
         Ok(Arc::new(Agent {
             cfg,
@@ -156,24 +159,19 @@ impl Agent {
             }
         }
         match hits.len() {
-            0 => Err(refused.unwrap_or_else(|| {
-                VolumeError::NotFound(format!(
-                    "no device carries volume {volume_id} (scanned block devices{})",
-                    if self.cfg.allow_file_devices {
-                        " and configured files"
-                    } else {
-                        ""
-                    }
-                ))
+            0 => Err(refused.unwrap_or_else(|| VolumeError::NotOnAnyDevice {
+                volume_id: volume_id.to_string(),
+                scanned: if self.cfg.allow_file_devices {
+                    "block devices and configured files"
+                } else {
+                    "block devices"
+                },
             })),
             1 => Ok(hits.remove(0)),
-            _ => Err(VolumeError::Precondition(format!(
-                "volume {volume_id} is on several devices ({}); open it by device path",
-                hits.iter()
-                    .map(|f| f.device.path.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ))),
+            _ => Err(VolumeError::OnSeveralDevices {
+                volume_id: volume_id.to_string(),
+                devices: hits.into_iter().map(|f| f.device.path).collect(),
+            }),
         }
     }
 

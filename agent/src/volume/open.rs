@@ -25,9 +25,7 @@ impl Agent {
         let me = self.clone();
         let (dev_path, vol) = (req.device.clone(), req.volume_id.clone());
         let found = blocking(move || match (dev_path.is_empty(), vol.is_empty()) {
-            (true, true) => Err(VolumeError::InvalidArgument(
-                "give a device or a volume id".into(),
-            )),
+            (true, true) => Err(VolumeError::NoTarget),
             (false, _) => judged(me.validate_device(&dev_path)?),
             (true, false) => me.find(&vol),
         })
@@ -36,14 +34,15 @@ impl Agent {
             .header
             .token()
             .cloned()
-            .ok_or_else(|| VolumeError::Internal("a judged header without its token".into()))?;
+            .ok_or_else(|| VolumeError::NoToken {
+                device: found.device.path.clone(),
+            })?;
         if !req.volume_id.is_empty() && token.volume_id != req.volume_id {
-            return Err(VolumeError::Precondition(format!(
-                "{} belongs to volume {}, not {}",
-                found.device.path.display(),
-                token.volume_id,
-                req.volume_id
-            )));
+            return Err(VolumeError::WrongVolume {
+                device: found.device.path.clone(),
+                found: token.volume_id,
+                wanted: req.volume_id,
+            });
         }
         let backend = match pb::Backend::try_from(req.backend).unwrap_or(pb::Backend::Unspecified) {
             pb::Backend::DmCrypt => BackendChoice::DmCrypt,

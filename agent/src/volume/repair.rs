@@ -21,9 +21,9 @@ fn which(name: &str) -> Result<Option<Which>, VolumeError> {
         "" => Ok(None),
         "primary" => Ok(Some(Which::Primary)),
         "secondary" => Ok(Some(Which::Secondary)),
-        other => Err(VolumeError::InvalidArgument(format!(
-            "--from {other:?}: give primary or secondary"
-        ))),
+        other => Err(VolumeError::InvalidCopy {
+            given: other.chars().take(40).collect(),
+        }),
     }
 }
 
@@ -112,6 +112,8 @@ impl Agent {
             Ok(resp)
         })
         .await
-        .map_err(|e| VolumeError::Internal(format!("worker thread failed: {e}")))?
+        .map_err(|e| VolumeError::Worker {
+            detail: e.to_string(),
+        })?
     }
 }

@@ -29,17 +29,15 @@ impl Agent {
         // Judged again under the lock: the header decides what is left to do.
         let d = f.device.clone();
         let h = blocking(move || Ok(judged(d)?.header)).await?;
-        let (token_id, old) = h
-            .token
-            .clone()
-            .ok_or_else(|| VolumeError::Internal("a judged header without its token".into()))?;
+        let (token_id, old) = h.token.clone().ok_or_else(|| VolumeError::NoToken {
+            device: f.device.path.clone(),
+        })?;
         if old.volume_id != req.volume_id {
-            return Err(VolumeError::Precondition(format!(
-                "{} now carries volume {}, not {}",
-                f.device.path.display(),
-                old.volume_id,
-                req.volume_id
-            )));
+            return Err(VolumeError::WrongVolume {
+                device: f.device.path.clone(),
+                found: old.volume_id,
+                wanted: req.volume_id,
+            });
         }
         let deadline = self.deadline();
         let info = self.broker.describe(&req.volume_id, deadline).await?;

@@ -83,7 +83,9 @@ impl Agent {
             }));
         }
         for t in tasks {
-            out.push(t.await.map_err(|e| VolumeError::Internal(e.to_string()))?);
+            out.push(t.await.map_err(|e| VolumeError::Worker {
+                detail: e.to_string(),
+            })?);
         }
         Ok(out)
     }
