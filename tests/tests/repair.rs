@@ -157,3 +157,51 @@ fn the_clis_own_timeout_is_exit_6_and_userspace_closes_are_quiet() {
     assert_eq!(doc["error"]["code"], "DEADLINE_EXCEEDED", "{doc}");
     assert_eq!(doc["error"]["exit"], 6, "{doc}");
 }
+
+#[test]
+fn erasing_a_volume_whose_header_is_refused_destroys_its_key_and_leaves_the_disk() {
+    let env = Env::new();
+    let broker = env.start_broker();
+    let img = sparse_file(&env.path().join("x.img"), 40);
+    let agent = env.start_agent(
+        &broker.addr,
+        &AgentOpts {
+            file_devices: vec![img.clone()],
+            ..Default::default()
+        },
+    );
+    let dev = img.display().to_string();
+    agent.cli(&["format", &dev, "--volume-id", "vol-x"]).ok();
+    luks2::edit_both_json(&img, |j| j["segments"]["0"]["offset"] = Value::from("0")).unwrap();
+    let hostile = file_hash(&img);
+    let out = agent
+        .cli(&["--json", "erase", "--volume-id", "vol-x", "--yes"])
+        .ok();
+    let v = out.json();
+    assert_eq!(v["state"], "erased", "{v}");
+    assert!(
+        v["message"].as_str().unwrap().contains("segment.offset"),
+        "the refusal is reported: {v}"
+    );
+    assert_eq!(
+        file_hash(&img),
+        hostile,
+        "a refused header was wiped by what it says"
+    );
+    // The key is gone at the broker: the volume's status names the destroy.
+    let t = env.tls_files("admin-ops");
+    let mut cmd = std::process::Command::new(bin("nodecrypt-keybroker"));
+    cmd.args(["admin", "--json", "--endpoint", &broker.addr])
+        .arg("--cert")
+        .arg(&t.cert)
+        .arg("--key")
+        .arg(&t.key)
+        .arg("--ca")
+        .arg(&t.ca)
+        .args(["describe", "vol-x"]);
+    let info = run_cli(cmd).ok().json()[0].clone();
+    assert!(
+        !info["destroyed_at"].as_str().unwrap_or_default().is_empty(),
+        "{info}"
+    );
+}

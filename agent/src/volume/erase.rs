@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use nodecrypt_proto::agent::v1 as pb;
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{blocking, crash_point, validate_volume_id, Agent, Result, VolumeError};
 use crate::device::DeviceLock;
@@ -28,9 +28,11 @@ impl Agent {
         }
         let me = self.clone();
         let id = req.volume_id.clone();
+        // What is found decides what is wiped locally; the key is destroyed at the broker
+        // in every case but a failure, which is what makes the data unrecoverable.
         let found = blocking(move || match me.find(&id) {
-            Ok(f) => Ok(Some(f)),
-            Err(VolumeError::NotOnAnyDevice { .. }) => Ok(None),
+            Ok(f) => Ok(Local::Wipe(f)),
+            Err(VolumeError::NotOnAnyDevice { .. }) => Ok(Local::Gone),
             // An erase that stopped after destroying the keyslots left a header with
             // none: judged for that stage, it is finished.
             Err(VolumeError::Luks(LuksError::Refused { device, refusal }))
@@ -38,17 +40,32 @@ impl Agent {
             {
                 let dev = me.validate_device(&device.display().to_string())?;
                 match luks::inspect(&dev.path, dev.size, Stage::Erasing)? {
-                    Inspection::Ours(header) if header.keyslots.is_empty() => Ok(Some(Found {
-                        device: dev,
-                        header,
-                    })),
-                    _ => Err(VolumeError::refused(&device, refusal)),
+                    Inspection::Ours(header) if header.keyslots.is_empty() => {
+                        Ok(Local::Wipe(Found {
+                            device: dev,
+                            header,
+                        }))
+                    }
+                    _ => Ok(Local::Refused(VolumeError::refused(&device, refusal))),
                 }
             }
+            // A header that claims the volume but is refused is not trusted enough to be
+            // wiped by what it says of itself: it is left as it is, and reported.
+            Err(e @ VolumeError::Luks(LuksError::Refused { .. })) => Ok(Local::Refused(e)),
             Err(e) => Err(e),
         })
         .await?;
         let mut device = String::new();
+        let mut problem = String::new();
+        let found = match found {
+            Local::Wipe(f) => Some(f),
+            Local::Gone => None,
+            Local::Refused(e) => {
+                warn!(volume_id = %req.volume_id, error = %e, "erase: the device's header is refused and left untouched; the key is destroyed at the broker");
+                problem = format!("{e}; the device was left untouched (its data is unrecoverable once the key is destroyed)");
+                None
+            }
+        };
         if let Some(f) = found {
             device = f.device.path.display().to_string();
             let me = self.clone();
@@ -74,7 +91,18 @@ impl Agent {
             volume_id: req.volume_id,
             device,
             state: pb::VolumeState::Erased as i32,
+            problem,
             ..Default::default()
         })
     }
+}
+
+/// What an erase does on this node.
+enum Local {
+    /// Destroy the keyslots and wipe the header areas of this device.
+    Wipe(Found),
+    /// No device carries the volume (the disk left the rack): the broker's key only.
+    Gone,
+    /// A device claims the volume but its header is refused: left as it is.
+    Refused(VolumeError),
 }
