@@ -31,7 +31,7 @@ impl Agent {
         // What is found decides what is wiped locally; the key is destroyed at the broker
         // in every case but a failure, which is what makes the data unrecoverable.
         let found = blocking(move || match me.find(&id) {
-            Ok(f) => Ok(Local::Wipe(f)),
+            Ok(f) => Ok(Local::Wipe(Box::new(f))),
             Err(VolumeError::NotOnAnyDevice { .. }) => Ok(Local::Gone),
             // An erase that stopped after destroying the keyslots left a header with
             // none: judged for that stage, it is finished.
@@ -41,10 +41,10 @@ impl Agent {
                 let dev = me.validate_device(&device.display().to_string())?;
                 match luks::inspect(&dev.path, dev.size, Stage::Erasing)? {
                     Inspection::Ours(header) if header.keyslots.is_empty() => {
-                        Ok(Local::Wipe(Found {
+                        Ok(Local::Wipe(Box::new(Found {
                             device: dev,
                             header,
-                        }))
+                        })))
                     }
                     _ => Ok(Local::Refused(VolumeError::refused(&device, refusal))),
                 }
@@ -100,7 +100,7 @@ impl Agent {
 /// What an erase does on this node.
 enum Local {
     /// Destroy the keyslots and wipe the header areas of this device.
-    Wipe(Found),
+    Wipe(Box<Found>),
     /// No device carries the volume (the disk left the rack): the broker's key only.
     Gone,
     /// A device claims the volume but its header is refused: left as it is.

@@ -2,13 +2,14 @@
 //! token, verify. A device already carrying this volume is success; a crash at any step
 //! resumes.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use nodecrypt_proto::agent::v1 as pb;
 use tracing::{info, warn};
 
 use super::{blocking, crash_point, judged, validate_volume_id, Agent, Result, VolumeError};
-use crate::device::{self, Device, DeviceLock, Kind};
+use crate::device::{self, Device, DeviceError, DeviceLock, Kind};
 use crate::luks::{self, Header, Inspection, Stage, Token};
 
 impl Agent {
@@ -115,56 +116,81 @@ impl Agent {
                 size: dev.size,
             });
         }
-        let overwrite = |what: String| {
-            Err(VolumeError::WouldOverwrite {
-                device: dev.path.clone(),
-                what,
-            })
+        let facts = Facts {
+            usable: luks::inspect(&dev.path, dev.size, Stage::Usable)?,
+            formatting: luks::inspect(&dev.path, dev.size, Stage::Formatting)?,
         };
-        match luks::inspect(&dev.path, dev.size, Stage::Usable)? {
-            Inspection::Ours(h) if h.token().is_some_and(|t| t.volume_id == volume_id) => {
-                return Ok(Precheck::Done(Box::new(h)));
-            }
-            Inspection::Ours(h) if !force => {
-                let other = h.token().map(|t| t.volume_id.clone()).unwrap_or_default();
-                return overwrite(format!("holds nodecrypt volume {other}"));
-            }
-            Inspection::Refused { refusal, .. }
-                if matches!(refusal.reason, "token.missing" | "keyslot.count") =>
-            {
-                // A format that stopped before its token: resume it if the rest is ours.
-                match luks::inspect(&dev.path, dev.size, Stage::Formatting)? {
-                    Inspection::Ours(h) if h.label == volume_id => {
-                        info!(device = %dev.path.display(), volume_id, "resuming an interrupted format");
-                        return Ok(Precheck::Resume);
-                    }
-                    _ if !force => {
-                        return overwrite(format!("carries a nodecrypt header without a token for another volume or in a state nodecrypt does not write ({refusal})"));
-                    }
-                    _ => {}
-                }
-            }
-            Inspection::Refused { refusal, .. } if !force => {
-                return overwrite(format!(
-                    "carries a nodecrypt LUKS2 header that is refused or damaged ({refusal}; `nodecrypt repair-header` can mend a damaged copy)"
-                ));
-            }
-            Inspection::Foreign { uuid, label } if !force => {
-                return overwrite(format!(
-                    "holds a LUKS2 volume (uuid {uuid}, label {label:?}) that is not nodecrypt's"
-                ));
-            }
-            _ => {}
+        let decision = decide(&dev.path, facts, volume_id, force, &|| dev.signatures())?;
+        if matches!(decision, Precheck::Resume) {
+            info!(device = %dev.path.display(), volume_id, "resuming an interrupted format");
         }
-        let sigs = dev.signatures()?;
-        if !sigs.is_empty() && !force {
-            return Err(VolumeError::HoldsData {
-                device: dev.path.clone(),
-                signatures: sigs,
-            });
-        }
-        Ok(Precheck::Fresh)
+        Ok(decision)
     }
+}
+
+/// What is on a device, judged for the two stages a format can meet.
+struct Facts {
+    /// Judged as a volume in use.
+    usable: Inspection,
+    /// Judged as a format that stopped before its token.
+    formatting: Inspection,
+}
+
+/// Done, resume, fresh, or refuse: the format decision from what is on the device.
+/// `signatures` (libblkid) is asked only when no LUKS2 header decided. Pure but for that.
+fn decide(
+    device: &Path,
+    facts: Facts,
+    volume_id: &str,
+    force: bool,
+    signatures: &dyn Fn() -> std::result::Result<Vec<String>, DeviceError>,
+) -> Result<Precheck> {
+    let overwrite = |what: String| {
+        Err(VolumeError::WouldOverwrite {
+            device: device.to_path_buf(),
+            what,
+        })
+    };
+    match facts.usable {
+        Inspection::Ours(h) if h.token().is_some_and(|t| t.volume_id == volume_id) => {
+            return Ok(Precheck::Done(Box::new(h)));
+        }
+        Inspection::Ours(h) if !force => {
+            let other = h.token().map(|t| t.volume_id.clone()).unwrap_or_default();
+            return overwrite(format!("holds nodecrypt volume {other}"));
+        }
+        Inspection::Refused { refusal, .. }
+            if matches!(refusal.reason, "token.missing" | "keyslot.count") =>
+        {
+            // A format that stopped before its token: resume it if the rest is ours.
+            match facts.formatting {
+                Inspection::Ours(h) if h.label == volume_id => return Ok(Precheck::Resume),
+                _ if !force => {
+                    return overwrite(format!("carries a nodecrypt header without a token for another volume or in a state nodecrypt does not write ({refusal})"));
+                }
+                _ => {}
+            }
+        }
+        Inspection::Refused { refusal, .. } if !force => {
+            return overwrite(format!(
+                "carries a nodecrypt LUKS2 header that is refused or damaged ({refusal}; `nodecrypt repair-header` can mend a damaged copy)"
+            ));
+        }
+        Inspection::Foreign { uuid, label } if !force => {
+            return overwrite(format!(
+                "holds a LUKS2 volume (uuid {uuid}, label {label:?}) that is not nodecrypt's"
+            ));
+        }
+        _ => {}
+    }
+    let sigs = signatures()?;
+    if !sigs.is_empty() && !force {
+        return Err(VolumeError::HoldsData {
+            device: device.to_path_buf(),
+            signatures: sigs,
+        });
+    }
+    Ok(Precheck::Fresh)
 }
 
 /// Undoes a half-written format (error path, not a crash): wipes the header we wrote.
@@ -176,8 +202,16 @@ fn rollback(dev: &Device) {
     }
 }
 
+/// The format decision.
+#[derive(Debug)]
 enum Precheck {
+    /// Nothing of ours: format.
     Fresh,
+    /// Our header without its token: finish it.
     Resume,
+    /// Already this volume: prove the key opens it, and succeed.
     Done(Box<Header>),
 }
+
+#[cfg(test)]
+mod tests;

@@ -9,7 +9,7 @@ use tracing::info;
 use super::{blocking, judged, validate_name, validate_volume_id, Agent, Result, VolumeError};
 use crate::config::BackendChoice;
 use crate::device::DeviceLock;
-use crate::mapping::{self};
+use crate::mapping::{self, Source};
 
 impl Agent {
     /// Opens (unlocks and maps) a volume; already open (this device) is success. The
@@ -57,16 +57,23 @@ impl Agent {
             Ok((dev, DeviceLock::volume(&me.cfg.run_dir, &id)?))
         })
         .await?;
-        if let Some((_, src)) = self.mapping_of(&token.volume_id) {
-            drop(locks);
-            return match src {
-                Some(src) if src.id != found.device.id => Err(VolumeError::OpenElsewhere {
+        match mapped_state(
+            self.mapping_of(&token.volume_id).map(|(_, s)| s),
+            &found.device.id,
+        ) {
+            Mapped::No => {}
+            Mapped::Here => {
+                drop(locks);
+                return Ok(self.volume_pb(&found.device, &found.header));
+            }
+            Mapped::Elsewhere(src) => {
+                drop(locks);
+                return Err(VolumeError::OpenElsewhere {
                     volume_id: token.volume_id,
                     open_from: src.path,
                     device: found.device.path,
-                }),
-                _ => Ok(self.volume_pb(&found.device, &found.header)),
-            };
+                });
+            }
         }
         let started = Instant::now();
         let (key, _, _) = self
@@ -148,5 +155,49 @@ impl Agent {
             state: pb::VolumeState::Closed as i32,
             ..Default::default()
         })
+    }
+}
+
+/// Whether a volume is mapped, and from which device.
+#[derive(Debug, PartialEq, Eq)]
+enum Mapped {
+    /// Not mapped: open it.
+    No,
+    /// Mapped from this device (or from one the kernel does not name): already open.
+    Here,
+    /// Mapped from another device that carries the same volume id.
+    Elsewhere(Source),
+}
+
+/// Decides [`Mapped`] from the live mapping of the volume (`None`: none; `Some(None)`:
+/// one whose device is unknown) and the identity of the device asked for. Pure.
+fn mapped_state(mapping: Option<Option<Source>>, device_id: &str) -> Mapped {
+    match mapping {
+        None => Mapped::No,
+        Some(Some(src)) if src.id != device_id => Mapped::Elsewhere(src),
+        Some(_) => Mapped::Here,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    #[test]
+    fn already_open_is_decided_by_the_device() {
+        let src = |id: &str| Source {
+            path: PathBuf::from(format!("/dev/{id}")),
+            id: id.into(),
+        };
+        assert_eq!(mapped_state(None, "b7_0"), Mapped::No);
+        assert_eq!(mapped_state(Some(Some(src("b7_0"))), "b7_0"), Mapped::Here);
+        assert_eq!(
+            mapped_state(Some(Some(src("b7_1"))), "b7_0"),
+            Mapped::Elsewhere(src("b7_1"))
+        );
+        // A dm mapping whose device sysfs does not name: re-opening stays idempotent.
+        assert_eq!(mapped_state(Some(None), "b7_0"), Mapped::Here);
     }
 }

@@ -50,30 +50,32 @@ impl Agent {
             })
             .map(|v| v.version)
             .collect();
-        let pending = info.current_version > old.key_version
-            || h.keyslots.len() > 1
-            || !active_old.is_empty();
+        let step = next_step(
+            old.key_version,
+            info.current_version,
+            h.keyslots.len(),
+            &active_old,
+        );
         let (old_key, _, _) = self
             .broker
             .get(&req.volume_id, old.key_version, deadline)
             .await?;
         // `None`: the token already names the current version; only cleanup is left, and
         // the key already fetched is the one to keep.
-        let fresh: Option<(SlotKey, u64)> = if info.current_version > old.key_version {
-            let (k, v, _) = self
-                .broker
-                .get(&req.volume_id, info.current_version, deadline)
-                .await?;
-            Some((k, v))
-        } else if pending {
-            None
-        } else {
-            let r = self
-                .broker
-                .rotate(&req.volume_id, old.key_version, deadline)
-                .await?;
-            crash_point("rotate-after-broker-rotate");
-            Some(r)
+        let fresh: Option<(SlotKey, u64)> = match step {
+            Step::Adopt(current) => {
+                let (k, v, _) = self.broker.get(&req.volume_id, current, deadline).await?;
+                Some((k, v))
+            }
+            Step::Cleanup => None,
+            Step::Rotate => {
+                let r = self
+                    .broker
+                    .rotate(&req.volume_id, old.key_version, deadline)
+                    .await?;
+                crash_point("rotate-after-broker-rotate");
+                Some(r)
+            }
         };
         let new_version = fresh.as_ref().map_or(old.key_version, |(_, v)| *v);
         let d = f.device.clone();
@@ -107,15 +109,85 @@ impl Agent {
             Ok(judged(d)?.header)
         })
         .await?;
-        let mut retire: Vec<u64> = active_old;
-        if old.key_version != new_version && !retire.contains(&old.key_version) {
-            retire.push(old.key_version);
-        }
-        for v in retire.into_iter().filter(|&v| v != new_version) {
+        for v in to_retire(active_old, old.key_version, new_version) {
             self.broker.retire(&req.volume_id, v, deadline).await?;
         }
         info!(volume_id = %req.volume_id, from = old.key_version, to = new_version, "rotated");
         drop(lock);
         Ok(self.volume_pb(&f.device, &header))
+    }
+}
+
+/// What a rotation (or its re-run after a crash) does first.
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    /// The broker already has a newer version (an earlier run rotated there): move the
+    /// keyslot to it.
+    Adopt(u64),
+    /// The token names the current version, but an old keyslot or an active old version
+    /// is left: finish the cleanup only.
+    Cleanup,
+    /// Nothing pending: ask the broker for a new version.
+    Rotate,
+}
+
+/// Decides [`Step`] from the token's version, the broker's current one, the keyslots in
+/// the header and the broker's active versions other than the current one. Pure.
+fn next_step(token: u64, current: u64, keyslots: usize, active_old: &[u64]) -> Step {
+    if current > token {
+        Step::Adopt(current)
+    } else if keyslots > 1 || !active_old.is_empty() {
+        Step::Cleanup
+    } else {
+        Step::Rotate
+    }
+}
+
+/// The versions to retire once the keyslot holds `new`: every active old version and
+/// the one the token named before, never `new`. Pure.
+fn to_retire(mut active_old: Vec<u64>, old: u64, new: u64) -> Vec<u64> {
+    if old != new && !active_old.contains(&old) {
+        active_old.push(old);
+    }
+    active_old.retain(|&v| v != new);
+    active_old
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_a_rotation_or_its_rerun_does_first() {
+        #[rustfmt::skip]
+        let table = [
+            // token, current, keyslots, active old versions → step
+            ((1, 1, 1, vec![]), Step::Rotate),
+            ((1, 2, 1, vec![1]), Step::Adopt(2)),   // crashed after the broker rotated
+            ((1, 2, 2, vec![1]), Step::Adopt(2)),   // ... and after the keyslot was added
+            ((2, 2, 2, vec![1]), Step::Cleanup),    // ... and after the token moved
+            ((2, 2, 1, vec![1]), Step::Cleanup),    // ... and after the old keyslot went
+            ((2, 2, 1, vec![]), Step::Rotate),      // a finished rotation: a new one
+            ((3, 5, 1, vec![3, 4]), Step::Adopt(5)),
+        ];
+        for ((token, current, slots, active), want) in table {
+            assert_eq!(
+                next_step(token, current, slots, &active),
+                want,
+                "{token} {current} {slots} {active:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn what_is_retired() {
+        assert_eq!(to_retire(vec![], 1, 2), [1]);
+        assert_eq!(to_retire(vec![1], 1, 2), [1]);
+        assert_eq!(to_retire(vec![1, 3], 3, 4), [1, 3]);
+        assert!(
+            to_retire(vec![], 2, 2).is_empty(),
+            "cleanup of a version kept"
+        );
+        assert_eq!(to_retire(vec![2, 1], 2, 2), [1]);
     }
 }
