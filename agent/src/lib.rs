@@ -10,6 +10,5 @@ pub mod key;
 pub mod luks;
 pub mod mapping;
 pub mod service;
-pub mod status;
 pub mod userspace;
 pub mod volume;

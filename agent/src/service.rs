@@ -79,7 +79,7 @@ fn status(e: VolumeError) -> Status {
     let mut md = tonic::metadata::MetadataMap::new();
     if let Some(reason) = e.reason() {
         if let Ok(v) = reason.parse() {
-            md.insert(crate::status::REASON_KEY, v);
+            md.insert(nodecrypt_common::status::REASON_KEY, v);
         }
     }
     Status::with_metadata(e.code(), e.to_string(), md)

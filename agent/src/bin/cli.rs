@@ -1,7 +1,7 @@
 //! `nodecrypt`: the command line for provisioning scripts and operators. Talks to the
 //! agent's Unix socket; `bench` runs locally.
 //!
-//! Exit codes: [`nodecrypt_agent::status::EXIT_CODES`], from the one status table.
+//! Exit codes: [`nodecrypt_common::status::EXIT_CODES`], from the one status table.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use hyper_util::rt::TokioIo;
-use nodecrypt_agent::status::{self, EXIT_CODES};
+use nodecrypt_common::status::{self, EXIT_CODES};
 use nodecrypt_proto::agent::v1 as pb;
 use pb::agent_client::AgentClient;
 use serde_json::{json, Value};

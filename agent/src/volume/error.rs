@@ -15,11 +15,8 @@ use crate::mapping::MappingError;
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
     /// A volume id that breaks the rule (a DNS label).
-    #[error("invalid volume id {given:?}: use 1-63 characters a-z, 0-9 and '-', not starting or ending with '-'")]
-    InvalidVolumeId {
-        /// The id as given (cut short).
-        given: String,
-    },
+    #[error(transparent)]
+    InvalidVolumeId(#[from] nodecrypt_common::InvalidName),
     /// A mapping name that is not a safe file name.
     #[error("invalid mapping name {given:?}: use letters, digits, '-', '_' and '.'")]
     InvalidName {
@@ -178,7 +175,7 @@ impl VolumeError {
     pub fn code(&self) -> Code {
         use VolumeError as E;
         match self {
-            E::InvalidVolumeId { .. }
+            E::InvalidVolumeId(_)
             | E::InvalidName { .. }
             | E::InvalidSectorSize { .. }
             | E::SectorBelowBlock { .. }

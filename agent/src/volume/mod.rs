@@ -39,23 +39,10 @@ pub fn crash_point(name: &'static str) {
     });
 }
 
-/// Validates a volume id: 1–63 characters of `[a-z0-9-]`, starting and ending with a
-/// letter or digit (a DNS label; UUIDs qualify).
+/// Validates a volume id with the one rule ([`nodecrypt_common::VolumeId`]).
 pub fn validate_volume_id(id: &str) -> Result<()> {
-    let ok = !id.is_empty()
-        && id.len() <= 63
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !id.starts_with('-')
-        && !id.ends_with('-');
-    if ok {
-        Ok(())
-    } else {
-        Err(VolumeError::InvalidVolumeId {
-            given: id.chars().take(80).collect(),
-        })
-    }
+    nodecrypt_common::VolumeId::parse(id)?;
+    Ok(())
 }
 
 pub(crate) fn validate_name(name: &str) -> Result<()> {

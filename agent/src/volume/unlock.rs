@@ -9,7 +9,7 @@ use tracing::warn;
 
 use super::{blocking, Agent, Result, VolumeError};
 use crate::discover::Probe;
-use crate::status;
+use nodecrypt_common::status;
 
 impl Agent {
     /// Opens every discovered volume in parallel; one failure never blocks the others,
