@@ -4,7 +4,6 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use nodecrypt_proto::agent::v1 as pb;
 use tonic::Code;
 use tracing::warn;
 
@@ -13,6 +12,7 @@ use crate::device::Device;
 use crate::key::SlotKey;
 use crate::luks::{self, Header, LuksError, Token};
 use crate::userspace;
+use crate::volume::types::{Backend, MappingInfo};
 
 /// Mapping failures.
 #[derive(Debug, thiserror::Error)]
@@ -134,23 +134,19 @@ impl Mapped {
     }
 
     /// Backend, name, mapped device and file, as a partial `Volume`.
-    pub fn describe(&self) -> pb::Volume {
+    pub fn describe(&self) -> MappingInfo {
         match self {
-            Mapped::Dm { name, .. } => pb::Volume {
-                backend: pb::Backend::DmCrypt as i32,
-                mapped_device: format!("/dev/mapper/{name}"),
+            Mapped::Dm { name, .. } => MappingInfo {
+                backend: Backend::DmCrypt,
+                mapped_device: Some(PathBuf::from("/dev/mapper").join(name)),
+                mapped_file: None,
                 name: name.clone(),
-                ..Default::default()
             },
-            Mapped::User { name, mapping, .. } => pb::Volume {
-                backend: pb::Backend::Userspace as i32,
-                mapped_device: mapping
-                    .loop_device()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default(),
-                mapped_file: mapping.file().display().to_string(),
+            Mapped::User { name, mapping, .. } => MappingInfo {
+                backend: Backend::Userspace,
+                mapped_device: mapping.loop_device(),
+                mapped_file: Some(mapping.file()),
                 name: name.clone(),
-                ..Default::default()
             },
         }
     }

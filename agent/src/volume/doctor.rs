@@ -4,9 +4,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nodecrypt_proto::agent::v1 as pb;
 use tonic::Code;
 
+use super::types::Check;
 use super::Agent;
 use crate::broker::BrokerError;
 use crate::config::BackendChoice;
@@ -14,12 +14,12 @@ use crate::mapping::{self};
 
 impl Agent {
     /// The doctor's checks.
-    pub async fn doctor(self: &Arc<Self>) -> Vec<pb::DoctorCheck> {
+    pub async fn doctor(self: &Arc<Self>) -> Vec<Check> {
         let mut checks = Vec::new();
         // Without device-mapper the userspace backend serves: a failure only when the
         // agent is configured for dm-crypt alone.
         let dm = mapping::dm_available();
-        checks.push(pb::DoctorCheck {
+        checks.push(Check {
             name: "kernel dm-crypt".into(),
             ok: dm || self.cfg.backend != BackendChoice::DmCrypt,
             detail: match (dm, self.cfg.backend) {
@@ -29,7 +29,7 @@ impl Agent {
             },
         });
         let xts = nodecrypt_xts::Backend::best();
-        checks.push(pb::DoctorCheck {
+        checks.push(Check {
             name: "cpu aes".into(),
             ok: true,
             detail: format!("userspace XTS backend: {}", xts.name()),
@@ -46,7 +46,7 @@ impl Agent {
             ),
             Err(e) => (false, e.to_string()),
         };
-        checks.push(pb::DoctorCheck {
+        checks.push(Check {
             name: format!("broker {}", self.broker.endpoint()),
             ok,
             detail,
@@ -56,7 +56,7 @@ impl Agent {
     }
 }
 
-fn cert_check(path: &Path) -> pb::DoctorCheck {
+fn cert_check(path: &Path) -> Check {
     let (ok, detail) = match nodecrypt_keybroker::tls::load_certs(path) {
         Ok(certs) if !certs.is_empty() => match x509_parser::parse_x509_certificate(&certs[0]) {
             Ok((_, cert)) => match cert.validity().time_to_expiration() {
@@ -83,7 +83,7 @@ fn cert_check(path: &Path) -> pb::DoctorCheck {
         Ok(_) => (false, format!("{}: no certificate", path.display())),
         Err(e) => (false, e.to_string()),
     };
-    pb::DoctorCheck {
+    Check {
         name: "node certificate".into(),
         ok,
         detail,

@@ -2,10 +2,11 @@
 
 use std::sync::Arc;
 
-use nodecrypt_proto::agent::v1 as pb;
+use nodecrypt_common::VolumeId;
 use tracing::{info, warn};
 
-use super::{blocking, crash_point, validate_volume_id, Agent, Result, VolumeError};
+use super::types::{Layout, State, Volume};
+use super::{blocking, crash_point, Agent, Result, VolumeError};
 use crate::device::DeviceLock;
 use crate::discover::Found;
 use crate::luks::{self, Inspection, LuksError, Stage};
@@ -14,20 +15,19 @@ impl Agent {
     /// Crypto-erases a closed volume: every keyslot destroyed, header areas wiped, key
     /// destroyed at the broker. Re-running (or erasing a volume whose disk is gone)
     /// destroys the key at the broker.
-    pub async fn erase(self: &Arc<Self>, req: pb::EraseVolumeRequest) -> Result<pb::Volume> {
-        validate_volume_id(&req.volume_id)?;
-        if !req.confirm {
+    pub async fn erase(self: &Arc<Self>, volume_id: &VolumeId, confirm: bool) -> Result<Volume> {
+        if !confirm {
             return Err(VolumeError::EraseNotConfirmed {
-                volume_id: req.volume_id,
+                volume_id: volume_id.to_string(),
             });
         }
-        if self.mapping_of(&req.volume_id).is_some() {
+        if self.mapping_of(volume_id.as_str()).is_some() {
             return Err(VolumeError::EraseWhileOpen {
-                volume_id: req.volume_id,
+                volume_id: volume_id.to_string(),
             });
         }
         let me = self.clone();
-        let id = req.volume_id.clone();
+        let id = volume_id.to_string();
         // What is found decides what is wiped locally; the key is destroyed at the broker
         // in every case but a failure, which is what makes the data unrecoverable.
         let found = blocking(move || match me.find(&id) {
@@ -55,19 +55,19 @@ impl Agent {
             Err(e) => Err(e),
         })
         .await?;
-        let mut device = String::new();
-        let mut problem = String::new();
+        let mut device = None;
+        let mut note = None;
         let found = match found {
             Local::Wipe(f) => Some(f),
             Local::Gone => None,
             Local::Refused(e) => {
-                warn!(volume_id = %req.volume_id, error = %e, "erase: the device's header is refused and left untouched; the key is destroyed at the broker");
-                problem = format!("{e}; the device was left untouched (its data is unrecoverable once the key is destroyed)");
+                warn!(volume_id = %volume_id, error = %e, "erase: the device's header is refused and left untouched; the key is destroyed at the broker");
+                note = Some(format!("{e}; the device was left untouched (its data is unrecoverable once the key is destroyed)"));
                 None
             }
         };
         if let Some(f) = found {
-            device = f.device.path.display().to_string();
+            device = Some(f.device.path.clone());
             let me = self.clone();
             blocking(move || {
                 let _lock = DeviceLock::acquire(&me.cfg.run_dir, &f.device)?;
@@ -84,15 +84,15 @@ impl Agent {
             .await?;
         }
         self.broker
-            .destroy(&req.volume_id, "nodecrypt erase", self.deadline())
+            .destroy(volume_id.as_str(), "nodecrypt erase", self.deadline())
             .await?;
-        info!(volume_id = %req.volume_id, device, "crypto-erased");
-        Ok(pb::Volume {
-            volume_id: req.volume_id,
+        info!(%volume_id, device = ?device, "crypto-erased");
+        Ok(Volume {
+            volume_id: Some(volume_id.to_string()),
             device,
-            state: pb::VolumeState::Erased as i32,
-            problem,
-            ..Default::default()
+            state: State::Erased,
+            layout: Layout::default(),
+            note,
         })
     }
 }

@@ -5,29 +5,27 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use nodecrypt_proto::agent::v1 as pb;
 use tracing::{info, warn};
 
-use super::{blocking, crash_point, judged, validate_volume_id, Agent, Result, VolumeError};
+use super::types::{FormatRequest, Volume};
+use super::{blocking, crash_point, judged, Agent, Result, VolumeError};
 use crate::device::{self, Device, DeviceError, DeviceLock, Kind};
 use crate::luks::{self, Header, Inspection, Stage, Token};
 
 impl Agent {
     /// Formats `device` for `volume_id`. A device already carrying this volume is success.
-    pub async fn format(self: &Arc<Self>, req: pb::FormatVolumeRequest) -> Result<pb::Volume> {
-        validate_volume_id(&req.volume_id)?;
-        if !matches!(req.sector_size, 0 | 512 | 4096) {
-            return Err(VolumeError::InvalidSectorSize {
-                size: req.sector_size,
-            });
+    pub async fn format(self: &Arc<Self>, req: FormatRequest) -> Result<Volume> {
+        if let Some(size) = req.sector_size.filter(|s| !matches!(s, 512 | 4096)) {
+            return Err(VolumeError::InvalidSectorSize { size });
         }
+        let volume_id = &req.volume_id;
         let dev = self.validate_device(&req.device)?;
         let me = self.clone();
         let d = dev.clone();
         let lock = blocking(move || Ok(DeviceLock::acquire(&me.cfg.run_dir, &d)?)).await?;
         let me = self.clone();
         let d = dev.clone();
-        let id = req.volume_id.clone();
+        let id = volume_id.to_string();
         // What is on the device now decides: done, resume, or refuse.
         let state = blocking(move || me.format_precheck(&d, &id, req.force)).await?;
         let (key, version) = match state {
@@ -42,28 +40,28 @@ impl Agent {
                     .await?;
                 let d = dev.clone();
                 blocking(move || Ok(luks::check_key(&d.path, Some(tok.keyslot), &key)?)).await?;
-                info!(volume_id = %req.volume_id, device = %dev.path.display(), "already formatted");
+                info!(volume_id = %volume_id, device = %dev.path.display(), "already formatted");
                 drop(lock);
-                return Ok(self.volume_pb(&dev, &h));
+                return Ok(self.volume_of(&dev, &h));
             }
             Precheck::Fresh | Precheck::Resume => {
                 let r = self
                     .broker
-                    .create(&req.volume_id, req.labels.clone(), self.deadline())
+                    .create(volume_id.as_str(), req.labels.clone(), self.deadline())
                     .await?;
                 crash_point("format-after-broker-create");
                 r
             }
         };
         let sector_size = match req.sector_size {
-            0 => {
+            None => {
                 if dev.logical_block_size() <= 4096 && dev.size % 4096 == 0 {
                     4096
                 } else {
                     512
                 }
             }
-            s => s,
+            Some(s) => s,
         };
         if sector_size < dev.logical_block_size() {
             return Err(VolumeError::SectorBelowBlock {
@@ -74,7 +72,7 @@ impl Agent {
         }
         let token = Token {
             keyslot: 0,
-            volume_id: req.volume_id.clone(),
+            volume_id: volume_id.to_string(),
             key_version: version,
             broker: self.broker.endpoint().to_string(),
         };
@@ -103,9 +101,9 @@ impl Agent {
             Ok(judged(d.clone())?.header)
         })
         .await?;
-        info!(volume_id = %req.volume_id, device = %dev.path.display(), sector_size, key_version = version, "formatted");
+        info!(volume_id = %volume_id, device = %dev.path.display(), sector_size, key_version = version, "formatted");
         drop(lock);
-        Ok(self.volume_pb(&dev, &h))
+        Ok(self.volume_of(&dev, &h))
     }
 
     fn format_precheck(&self, dev: &Device, volume_id: &str, force: bool) -> Result<Precheck> {

@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use nodecrypt_proto::agent::v1 as pb;
 use tracing::warn;
 
 use crate::broker::Broker;
@@ -25,9 +24,11 @@ mod inspect;
 mod open;
 mod repair;
 mod rotate;
+pub mod types;
 mod unlock;
 
 pub use error::{Result, VolumeError};
+use types::{Layout, MappingInfo, State, Volume};
 
 /// Kills the process at a named step when the test-only `failpoints` feature is on and
 /// `FAILPOINTS=<name>=return` is set: proves every flow resumes after a crash.
@@ -163,7 +164,7 @@ impl Agent {
     }
 
     /// The live mapping of `volume_id` (ours, or a dm-crypt mapping the kernel holds).
-    fn mapping_of(&self, volume_id: &str) -> Option<(pb::Volume, Option<Source>)> {
+    fn mapping_of(&self, volume_id: &str) -> Option<(MappingInfo, Option<Source>)> {
         let maps = self.mappings.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(m) = maps.get(volume_id) {
             return Some((m.describe(), m.source().cloned()));
@@ -172,36 +173,32 @@ impl Agent {
         mapping::dm_status(volume_id).map(|m| (m.describe(), m.source().cloned()))
     }
 
-    fn volume_pb(&self, dev: &Device, h: &Header) -> pb::Volume {
-        let token = h.token.as_ref().map(|(_, t)| t.clone());
-        let volume_id = token
-            .as_ref()
-            .map(|t| t.volume_id.clone())
-            .unwrap_or_default();
-        let mut v = pb::Volume {
-            volume_id: volume_id.clone(),
-            device: dev.path.display().to_string(),
-            state: pb::VolumeState::Closed as i32,
-            key_version: token.as_ref().map(|t| t.key_version).unwrap_or(0),
-            sector_size: h.sector_size,
-            cipher: h.cipher.clone(),
-            key_bits: h.key_bits,
-            luks_uuid: h.uuid.clone(),
-            broker: token.map(|t| t.broker).unwrap_or_default(),
-            data_size: h.data_size,
-            ..Default::default()
-        };
-        if let Some((m, _)) = self
+    /// A usable volume on `dev`: its header's facts and whether it is mapped from `dev`.
+    fn volume_of(&self, dev: &Device, h: &Header) -> Volume {
+        let token = h.token();
+        let volume_id = token.map(|t| t.volume_id.clone()).unwrap_or_default();
+        let state = match self
             .mapping_of(&volume_id)
             .filter(|(_, src)| src.as_ref().is_none_or(|s| s.id == dev.id))
         {
-            v.state = pb::VolumeState::Open as i32;
-            v.backend = m.backend;
-            v.mapped_device = m.mapped_device;
-            v.mapped_file = m.mapped_file;
-            v.name = m.name;
+            Some((m, _)) => State::Open(m),
+            None => State::Closed,
+        };
+        Volume {
+            volume_id: Some(volume_id),
+            device: Some(dev.path.clone()),
+            state,
+            layout: Layout {
+                key_version: token.map_or(0, |t| t.key_version),
+                sector_size: h.sector_size,
+                cipher: h.cipher.clone(),
+                key_bits: h.key_bits,
+                luks_uuid: h.uuid.clone(),
+                broker: token.map(|t| t.broker.clone()).unwrap_or_default(),
+                data_size: h.data_size,
+            },
+            note: None,
         }
-        v
     }
 
     /// Stops: closes userspace mappings that are not in use (dm-crypt mappings live in

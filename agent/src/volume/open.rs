@@ -3,11 +3,11 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use nodecrypt_proto::agent::v1 as pb;
+use nodecrypt_common::VolumeId;
 use tracing::info;
 
-use super::{blocking, judged, validate_name, validate_volume_id, Agent, Result, VolumeError};
-use crate::config::BackendChoice;
+use super::types::{Layout, OpenRequest, State, Target, Volume};
+use super::{blocking, judged, validate_name, Agent, Result, VolumeError};
 use crate::device::DeviceLock;
 use crate::mapping::{self, Source};
 
@@ -15,21 +15,21 @@ impl Agent {
     /// Opens (unlocks and maps) a volume; already open (this device) is success. The
     /// header is judged before anything else; a second device naming a volume that is
     /// open from another device is refused.
-    pub async fn open(self: &Arc<Self>, req: pb::OpenVolumeRequest) -> Result<pb::Volume> {
-        if !req.volume_id.is_empty() {
-            validate_volume_id(&req.volume_id)?;
-        }
-        if !req.name.is_empty() {
-            validate_name(&req.name)?;
+    pub async fn open(self: &Arc<Self>, req: OpenRequest) -> Result<Volume> {
+        if let Some(name) = &req.name {
+            validate_name(name)?;
         }
         let me = self.clone();
-        let (dev_path, vol) = (req.device.clone(), req.volume_id.clone());
-        let found = blocking(move || match (dev_path.is_empty(), vol.is_empty()) {
-            (true, true) => Err(VolumeError::NoTarget),
-            (false, _) => judged(me.validate_device(&dev_path)?),
-            (true, false) => me.find(&vol),
+        let target = req.target.clone();
+        let found = blocking(move || match &target {
+            Target::Device { path, .. } => judged(me.validate_device(path)?),
+            Target::Volume(id) => me.find(id.as_str()),
         })
         .await?;
+        let expect = match &req.target {
+            Target::Device { expect, .. } => expect.as_ref(),
+            Target::Volume(id) => Some(id),
+        };
         let token = found
             .header
             .token()
@@ -37,19 +37,14 @@ impl Agent {
             .ok_or_else(|| VolumeError::NoToken {
                 device: found.device.path.clone(),
             })?;
-        if !req.volume_id.is_empty() && token.volume_id != req.volume_id {
+        if let Some(want) = expect.filter(|w| w.as_str() != token.volume_id) {
             return Err(VolumeError::WrongVolume {
                 device: found.device.path.clone(),
                 found: token.volume_id,
-                wanted: req.volume_id,
+                wanted: want.to_string(),
             });
         }
-        let backend = match pb::Backend::try_from(req.backend).unwrap_or(pb::Backend::Unspecified) {
-            pb::Backend::DmCrypt => BackendChoice::DmCrypt,
-            pb::Backend::Userspace => BackendChoice::Userspace,
-            pb::Backend::Auto => BackendChoice::Auto,
-            pb::Backend::Unspecified => self.cfg.backend,
-        };
+        let backend = req.backend.unwrap_or(self.cfg.backend);
         let me = self.clone();
         let (d, id) = (found.device.clone(), token.volume_id.clone());
         let locks = blocking(move || {
@@ -64,7 +59,7 @@ impl Agent {
             Mapped::No => {}
             Mapped::Here => {
                 drop(locks);
-                return Ok(self.volume_pb(&found.device, &found.header));
+                return Ok(self.volume_of(&found.device, &found.header));
             }
             Mapped::Elsewhere(src) => {
                 drop(locks);
@@ -80,11 +75,10 @@ impl Agent {
             .broker
             .get(&token.volume_id, token.key_version, self.deadline())
             .await?;
-        let name = if req.name.is_empty() {
-            mapping::default_name(&token.volume_id)
-        } else {
-            req.name.clone()
-        };
+        let name = req
+            .name
+            .clone()
+            .unwrap_or_else(|| mapping::default_name(&token.volume_id));
         let me = self.clone();
         let (d, h, t) = (found.device.clone(), found.header.clone(), token.clone());
         let allow_discards = req.allow_discards;
@@ -106,20 +100,19 @@ impl Agent {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(token.volume_id.clone(), mapped);
-        info!(volume_id = %token.volume_id, device = %found.device.path.display(), mapped = %desc.mapped_device, took_ms = started.elapsed().as_millis() as u64, "opened");
+        info!(volume_id = %token.volume_id, device = %found.device.path.display(), mapped = ?desc.mapped_device, took_ms = started.elapsed().as_millis() as u64, "opened");
         drop(locks);
-        Ok(self.volume_pb(&found.device, &found.header))
+        Ok(self.volume_of(&found.device, &found.header))
     }
 
     /// Closes a volume; already closed is success, in use is a precondition failure.
     /// Answers from the mapping it closed: no device scan, so a clone of the volume on
     /// another device changes nothing here.
-    pub async fn close(self: &Arc<Self>, req: pb::CloseVolumeRequest) -> Result<pb::Volume> {
-        validate_volume_id(&req.volume_id)?;
+    pub async fn close(self: &Arc<Self>, volume_id: &VolumeId) -> Result<Volume> {
         let me = self.clone();
-        let id = req.volume_id.clone();
+        let id = volume_id.to_string();
         let lock = blocking(move || Ok(DeviceLock::volume(&me.cfg.run_dir, &id)?)).await?;
-        let id = req.volume_id.clone();
+        let id = volume_id.to_string();
         let taken = self
             .mappings
             .lock()
@@ -140,20 +133,19 @@ impl Agent {
                     self.mappings
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .insert(req.volume_id.clone(), m);
+                        .insert(volume_id.to_string(), m);
                 }
                 return Err(e.into());
             }
         };
         drop(lock);
-        info!(volume_id = %req.volume_id, "closed");
-        Ok(pb::Volume {
-            volume_id: req.volume_id,
-            device: source
-                .map(|s| s.path.display().to_string())
-                .unwrap_or_default(),
-            state: pb::VolumeState::Closed as i32,
-            ..Default::default()
+        info!(%volume_id, "closed");
+        Ok(Volume {
+            volume_id: Some(volume_id.to_string()),
+            device: source.map(|s| s.path),
+            state: State::Closed,
+            layout: Layout::default(),
+            note: None,
         })
     }
 }

@@ -8,9 +8,9 @@ use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
 
-use nodecrypt_proto::agent::v1 as pb;
 use tracing::{info, warn};
 
+use super::types::Repair;
 use super::{Agent, VolumeError};
 use crate::device::{self, DeviceError, DeviceLock, Kind};
 use crate::luks::header::{self, Which};
@@ -28,29 +28,39 @@ fn which(name: &str) -> Result<Option<Which>, VolumeError> {
 }
 
 impl Agent {
-    /// Plans, and with `confirm` performs, the repair of `req.device`'s header. An intact
-    /// header is success with nothing written (so re-running after a repair is safe).
+    /// Plans, and with `confirm` performs, the repair of `device`'s header, keeping the
+    /// copy `from` (`""`: the one intact copy). An intact header is success with nothing
+    /// written (so re-running after a repair is safe).
     pub async fn repair_header(
         self: &Arc<Self>,
-        req: pb::RepairHeaderRequest,
-    ) -> Result<pb::RepairHeaderResponse, VolumeError> {
-        let from = which(&req.from)?;
-        let dev = device::validate(&req.device, self.config().allow_file_devices)?;
+        device: &str,
+        from: &str,
+        confirm: bool,
+    ) -> Result<Repair, VolumeError> {
+        let from = which(from)?;
+        let dev = device::validate(device, self.config().allow_file_devices)?;
         let run_dir = self.config().run_dir.clone();
         let me = self.clone();
         tokio::task::spawn_blocking(move || {
             let _lock = DeviceLock::acquire(&run_dir, &dev)?;
             let path = dev.path.display().to_string();
+            let report = |problem: String| Repair {
+                device: dev.path.clone(),
+                problem,
+                copy: None,
+                offset: 0,
+                length: 0,
+                done: false,
+                volume: None,
+            };
             let prefix = luks::read_prefix(&dev.path, dev.size)?;
             let plan = match header::plan_repair(&prefix, from) {
                 Ok(plan) => plan,
                 Err(header::RepairError::Intact) => {
-                    return Ok(pb::RepairHeaderResponse {
-                        device: path,
-                        problem: "none: both header copies are intact and identical".into(),
+                    return Ok(Repair {
                         done: true,
                         volume: Some(me.describe_device(&dev)),
-                        ..Default::default()
+                        ..report("none: both header copies are intact and identical".into())
                     })
                 }
                 Err(e) => {
@@ -78,17 +88,13 @@ impl Agent {
                     ),
                 }));
             }
-            let mut resp = pb::RepairHeaderResponse {
-                device: path.clone(),
-                problem: plan.problem.to_string(),
-                from: plan.from.name().into(),
-                to: plan.to.name().into(),
+            let mut resp = Repair {
+                copy: Some((plan.from.name(), plan.to.name())),
                 offset: plan.offset,
                 length: plan.bytes.len() as u64,
-                done: false,
-                volume: None,
+                ..report(plan.problem.to_string())
             };
-            if !req.confirm {
+            if !confirm {
                 info!(device = %path, from = plan.from.name(), to = plan.to.name(), "header repair planned, not confirmed: nothing written");
                 return Ok(resp);
             }

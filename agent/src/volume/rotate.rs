@@ -2,10 +2,11 @@
 
 use std::sync::Arc;
 
-use nodecrypt_proto::agent::v1 as pb;
+use nodecrypt_common::VolumeId;
 use tracing::info;
 
-use super::{blocking, crash_point, judged, validate_volume_id, Agent, Result, VolumeError};
+use super::types::Volume;
+use super::{blocking, crash_point, judged, Agent, Result, VolumeError};
 use crate::device::DeviceLock;
 use crate::key::SlotKey;
 use crate::luks::{self, LuksError, Token};
@@ -14,13 +15,12 @@ impl Agent {
     /// Moves a volume to a new key version: broker rotate → new keyslot → token → verify →
     /// old keyslots removed → old versions retired. Re-running after a crash finishes the
     /// pending rotation instead of starting another.
-    pub async fn rotate(self: &Arc<Self>, req: pb::RotateVolumeRequest) -> Result<pb::Volume> {
-        validate_volume_id(&req.volume_id)?;
+    pub async fn rotate(self: &Arc<Self>, volume_id: &VolumeId) -> Result<Volume> {
         let me = self.clone();
-        let id = req.volume_id.clone();
+        let id = volume_id.to_string();
         let f = blocking(move || me.find(&id)).await?;
         let me = self.clone();
-        let (d, id) = (f.device.clone(), req.volume_id.clone());
+        let (d, id) = (f.device.clone(), volume_id.to_string());
         let lock = blocking(move || {
             let dev = DeviceLock::acquire(&me.cfg.run_dir, &d)?;
             Ok((dev, DeviceLock::volume(&me.cfg.run_dir, &id)?))
@@ -32,15 +32,15 @@ impl Agent {
         let (token_id, old) = h.token.clone().ok_or_else(|| VolumeError::NoToken {
             device: f.device.path.clone(),
         })?;
-        if old.volume_id != req.volume_id {
+        if old.volume_id != volume_id.as_str() {
             return Err(VolumeError::WrongVolume {
                 device: f.device.path.clone(),
                 found: old.volume_id,
-                wanted: req.volume_id,
+                wanted: volume_id.to_string(),
             });
         }
         let deadline = self.deadline();
-        let info = self.broker.describe(&req.volume_id, deadline).await?;
+        let info = self.broker.describe(volume_id.as_str(), deadline).await?;
         let active_old: Vec<u64> = info
             .versions
             .iter()
@@ -58,20 +58,23 @@ impl Agent {
         );
         let (old_key, _, _) = self
             .broker
-            .get(&req.volume_id, old.key_version, deadline)
+            .get(volume_id.as_str(), old.key_version, deadline)
             .await?;
         // `None`: the token already names the current version; only cleanup is left, and
         // the key already fetched is the one to keep.
         let fresh: Option<(SlotKey, u64)> = match step {
             Step::Adopt(current) => {
-                let (k, v, _) = self.broker.get(&req.volume_id, current, deadline).await?;
+                let (k, v, _) = self
+                    .broker
+                    .get(volume_id.as_str(), current, deadline)
+                    .await?;
                 Some((k, v))
             }
             Step::Cleanup => None,
             Step::Rotate => {
                 let r = self
                     .broker
-                    .rotate(&req.volume_id, old.key_version, deadline)
+                    .rotate(volume_id.as_str(), old.key_version, deadline)
                     .await?;
                 crash_point("rotate-after-broker-rotate");
                 Some(r)
@@ -80,7 +83,7 @@ impl Agent {
         let new_version = fresh.as_ref().map_or(old.key_version, |(_, v)| *v);
         let d = f.device.clone();
         let broker_ep = self.broker.endpoint().to_string();
-        let vid = req.volume_id.clone();
+        let vid = volume_id.to_string();
         let header = blocking(move || {
             let new_key = fresh.as_ref().map_or(&old_key, |(k, _)| k);
             let slot = match luks::check_key(&d.path, None, new_key) {
@@ -110,11 +113,11 @@ impl Agent {
         })
         .await?;
         for v in to_retire(active_old, old.key_version, new_version) {
-            self.broker.retire(&req.volume_id, v, deadline).await?;
+            self.broker.retire(volume_id.as_str(), v, deadline).await?;
         }
-        info!(volume_id = %req.volume_id, from = old.key_version, to = new_version, "rotated");
+        info!(volume_id = %volume_id, from = old.key_version, to = new_version, "rotated");
         drop(lock);
-        Ok(self.volume_pb(&f.device, &header))
+        Ok(self.volume_of(&f.device, &header))
     }
 }
 

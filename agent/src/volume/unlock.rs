@@ -3,18 +3,17 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use nodecrypt_proto::agent::v1 as pb;
-use tonic::Code;
+use nodecrypt_common::VolumeId;
 use tracing::warn;
 
+use super::types::{OpenRequest, Target, UnlockResult};
 use super::{blocking, Agent, Result, VolumeError};
-use crate::discover::Probe;
-use nodecrypt_common::status;
+use crate::discover::{self, Probe};
 
 impl Agent {
     /// Opens every discovered volume in parallel; one failure never blocks the others,
     /// and every nodecrypt-looking device that cannot be opened is reported.
-    pub async fn unlock_all(self: &Arc<Self>) -> Result<Vec<pb::UnlockResult>> {
+    pub async fn unlock_all(self: &Arc<Self>) -> Result<Vec<UnlockResult>> {
         let me = self.clone();
         let started = Instant::now();
         let found = blocking(move || Ok(me.discover())).await?;
@@ -23,23 +22,32 @@ impl Agent {
         for p in found {
             let f = match p {
                 Probe::Ours(f) => f,
-                other => {
-                    let v = self.probe_pb(&other);
-                    warn!(volume_id = %v.volume_id, device = %v.device, reason = %v.reason, error = %v.problem, "unlock refused");
-                    out.push(pb::UnlockResult {
-                        volume_id: v.volume_id,
-                        device: v.device,
-                        ok: false,
-                        code: status::name(if matches!(other, Probe::Stuck { .. }) {
-                            Code::DeadlineExceeded
-                        } else {
-                            Code::FailedPrecondition
-                        })
-                        .to_string(),
-                        message: v.problem,
-                        reason: v.reason,
-                        duration_ms: started.elapsed().as_millis() as u64,
-                        volume: None,
+                Probe::Refused {
+                    device,
+                    claimed_volume_id,
+                    refusal,
+                } => {
+                    let e = VolumeError::refused(&device.path, refusal);
+                    warn!(volume_id = ?claimed_volume_id, device = %device.path.display(), error = %e, "unlock refused");
+                    out.push(UnlockResult {
+                        volume_id: claimed_volume_id,
+                        device: device.path,
+                        result: Err(e),
+                        duration: started.elapsed(),
+                    });
+                    continue;
+                }
+                Probe::Stuck { path } => {
+                    let e = VolumeError::Stuck {
+                        device: path.clone(),
+                        waited: discover::PROBE_TIMEOUT,
+                    };
+                    warn!(device = %path.display(), error = %e, "unlock refused");
+                    out.push(UnlockResult {
+                        volume_id: None,
+                        device: path,
+                        result: Err(e),
+                        duration: started.elapsed(),
                     });
                     continue;
                 }
@@ -48,37 +56,30 @@ impl Agent {
             tasks.push(tokio::spawn(async move {
                 let started = Instant::now();
                 let volume_id = f.volume_id().to_string();
-                let device = f.device.path.display().to_string();
-                let r = me
-                    .open(pb::OpenVolumeRequest {
-                        device: device.clone(),
-                        volume_id: volume_id.clone(),
-                        ..Default::default()
-                    })
-                    .await;
-                let duration_ms = started.elapsed().as_millis() as u64;
-                match r {
-                    Ok(v) => pb::UnlockResult {
-                        volume_id,
-                        device,
-                        ok: true,
-                        duration_ms,
-                        volume: Some(v),
-                        ..Default::default()
-                    },
-                    Err(e) => {
-                        warn!(%volume_id, %device, error = %e, "unlock failed");
-                        pb::UnlockResult {
-                            volume_id,
-                            device,
-                            ok: false,
-                            code: status::name(e.code()).to_string(),
-                            reason: e.reason().unwrap_or_default().to_string(),
-                            message: e.to_string(),
-                            duration_ms,
-                            volume: None,
-                        }
+                let device = f.device.path.clone();
+                let result = match VolumeId::parse(&volume_id) {
+                    Ok(id) => {
+                        me.open(OpenRequest {
+                            target: Target::Device {
+                                path: device.display().to_string(),
+                                expect: Some(id),
+                            },
+                            name: None,
+                            backend: None,
+                            allow_discards: false,
+                        })
+                        .await
                     }
+                    Err(e) => Err(e.into()),
+                };
+                if let Err(e) = &result {
+                    warn!(%volume_id, device = %device.display(), error = %e, "unlock failed");
+                }
+                UnlockResult {
+                    volume_id: Some(volume_id),
+                    device,
+                    result,
+                    duration: started.elapsed(),
                 }
             }));
         }
