@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all deps build test bench demo fmt lint clean
+.PHONY: all deps build test bench demo fmt lint fuzz clean
 
 all: build
 
@@ -30,6 +30,14 @@ bench: deps
 demo: deps
 	$(CARGO) build --workspace --bins --release
 	scripts/demo.sh
+
+# Coverage-guided fuzzing of the untrusted-header judge (nightly and cargo-fuzz; not part
+# of `make test`, whose unit tests run a bounded, seeded fuzz of the same code).
+FUZZ_SECONDS ?= 60
+fuzz:
+	command -v cargo-fuzz >/dev/null || $(CARGO) install cargo-fuzz --locked
+	cd agent/fuzz && $(CARGO) +nightly fuzz run header_bytes -- -max_total_time=$(FUZZ_SECONDS)
+	cd agent/fuzz && $(CARGO) +nightly fuzz run header_json -- -max_total_time=$(FUZZ_SECONDS)
 
 fmt:
 	$(CARGO) fmt --all
