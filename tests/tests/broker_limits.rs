@@ -334,3 +334,84 @@ async fn a_json_content_type_and_a_two_message_unary_call_are_refused() {
     let (_, _, grpc) = post(&mut send, "application/grpc", one).await;
     assert_eq!(grpc.as_deref(), Some("0"));
 }
+
+/// CPU time (user + system) the process `pid` has used.
+fn proc_cpu(pid: u32) -> Duration {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .unwrap()
+        .unwrap() as u64;
+    Duration::from_millis(ticks * 1000 / hz)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_file_descriptors_neither_spins_nor_stalls_accept() {
+    let env = Env::new();
+    // Connections that never start TLS stay until the handshake deadline: long here.
+    env.set_broker_extra("handshake_timeout_ms = 60000");
+    let broker = env
+        .try_start_broker_via("127.0.0.1:0", &["prlimit", "--nofile=96:96", "--"])
+        .unwrap();
+    let mut good = env.client(&broker, "node-n1");
+    good.create_volume_key(create("vol-e")).await.unwrap();
+    let warned_at_start = fs::read_to_string(&broker.log).unwrap();
+    assert!(
+        warned_at_start.contains("RLIMIT_NOFILE is below max_connections"),
+        "no warning that the cap cannot prevent EMFILE"
+    );
+
+    // More TCP-only connections than the broker has descriptors.
+    let flood: Vec<_> = (0..150)
+        .map(|_| std::net::TcpStream::connect(&broker.addr).unwrap())
+        .collect();
+    let until = Instant::now() + Duration::from_secs(20);
+    while !fs::read_to_string(&broker.log)
+        .unwrap()
+        .contains("out of file descriptors")
+    {
+        assert!(
+            Instant::now() < until,
+            "the broker never ran out of descriptors"
+        );
+        good.get_volume_key(get("vol-e")).await.unwrap();
+    }
+    // A measurement window (not a synchronisation): while accept keeps failing, the
+    // broker's accept loop must not burn a core retrying.
+    let (cpu0, t0) = (proc_cpu(broker.pid()), Instant::now());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (cpu, wall) = (proc_cpu(broker.pid()) - cpu0, t0.elapsed());
+    assert!(
+        cpu < wall / 4,
+        "the broker used {cpu:?} of CPU in {wall:?} while out of descriptors (spinning)"
+    );
+    // The established client is served meanwhile.
+    for _ in 0..5 {
+        good.get_volume_key(get("vol-e")).await.unwrap();
+    }
+    // Descriptors come back when the flood goes: accept goes on, a new client connects.
+    drop(flood);
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut fresh = client_for(&broker.addr, client_tls(&env, "node-n1"));
+        match fresh.get_volume_key(get("vol-e")).await {
+            Ok(_) => break,
+            Err(s) => assert!(
+                Instant::now() < until,
+                "accept did not resume after descriptors were freed: {s:?}"
+            ),
+        }
+    }
+    let log = fs::read_to_string(&broker.log).unwrap();
+    let warnings = log
+        .lines()
+        .filter(|l| l.contains("out of file descriptors"))
+        .count();
+    assert!(
+        warnings <= 30,
+        "{warnings} EMFILE warnings: the log is not rate-limited"
+    );
+}
