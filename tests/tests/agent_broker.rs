@@ -86,3 +86,51 @@ fn a_black_hole_broker_costs_no_more_than_the_unlock_deadline() {
     );
     assert!(out.stderr.contains("unavailable"), "{out:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_tcp_listener_closes_a_silent_connection() {
+    use tokio::io::AsyncReadExt;
+    let env = Env::new();
+    let broker = env.start_broker();
+    let agent = env.start_agent(
+        &broker.addr,
+        &AgentOpts {
+            tcp: true,
+            ..AgentOpts::default()
+        },
+    );
+    let addr = agent.tcp.clone().expect("the agent's TCP listener");
+    let cfg = std::sync::Arc::new(
+        nodecrypt_keybroker::tls::client_config(&env.tls_files("admin-ops")).unwrap(),
+    );
+    let tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let mut s = tokio_rustls::TlsConnector::from(cfg)
+        .connect(
+            rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let t = Instant::now();
+    // TLS done, then silence: the agent must close it within its 10 s first-request
+    // deadline (the HTTP/2 SETTINGS it sends first are read and ignored).
+    let closed = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut buf = [0u8; 256];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    let after = t.elapsed();
+    assert!(
+        closed.is_ok(),
+        "a silent connection was still open after 20 s"
+    );
+    assert!(
+        after >= Duration::from_millis(9500) && after <= Duration::from_secs(12),
+        "closed after {after:?}; the agent's first-request deadline is 10 s"
+    );
+}
