@@ -237,10 +237,45 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         Box::pin(async move {
+            // In flight until the response body ends (a server-streaming call, e.g. the
+            // health service's Watch, is not idle while it streams).
             let r = inner.call(req).await;
-            drop(guard);
-            r
+            r.map(|resp| match guard {
+                Some(g) => resp.map(|body| {
+                    Body::new(Guarded {
+                        inner: body,
+                        _guard: g,
+                    })
+                }),
+                None => resp,
+            })
         })
+    }
+}
+
+/// A response body that keeps its request [`InFlight`] until it is dropped.
+struct Guarded {
+    inner: Body,
+    _guard: InFlight,
+}
+
+impl http_body::Body for Guarded {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -415,3 +415,34 @@ async fn running_out_of_file_descriptors_neither_spins_nor_stalls_accept() {
         "{warnings} EMFILE warnings: the log is not rate-limited"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_idle_past_its_timeout_is_closed() {
+    let env = Env::new();
+    env.set_broker_extra("idle_timeout_ms = 1000");
+    let broker = env.start_broker();
+    env.client(&broker, "node-n1")
+        .create_volume_key(create("vol-i"))
+        .await
+        .unwrap();
+    let tls = tls_connect(&broker.addr, client_tls(&env, "node-n1"))
+        .await
+        .unwrap();
+    let (send, conn) = h2::client::handshake(tls).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let mut send = send;
+    let (_, _, grpc) = post(&mut send, "application/grpc", grpc_frame(&get("vol-i"))).await;
+    assert_eq!(grpc.as_deref(), Some("0"));
+    let t = Instant::now();
+    // The broker closes the connection once it has been idle for 1 s.
+    let ended = tokio::time::timeout(Duration::from_secs(10), conn).await;
+    let after = t.elapsed();
+    assert!(
+        ended.is_ok(),
+        "an idle connection was still open after 10 s"
+    );
+    assert!(
+        after >= Duration::from_millis(900) && after <= Duration::from_secs(3),
+        "closed {after:?} after its last request (idle timeout 1 s)"
+    );
+}
