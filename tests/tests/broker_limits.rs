@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use nodecrypt_keybroker::tls;
 use nodecrypt_proto::keybroker::v1 as pb;
-use nodecrypt_tests::{assert_same_key, bin, client_for, run_ok, Env, SmallFs};
+use nodecrypt_tests::{
+    assert_same_key, bin, client_for, run_ok, sparse_file, AgentOpts, Env, SmallFs,
+};
 use prost::Message;
 use rustls::pki_types::ServerName;
 use tokio::io::AsyncReadExt;
@@ -98,6 +100,23 @@ async fn a_full_state_filesystem_is_survived_without_a_restart() {
         "{}",
         again.message()
     );
+
+    // The agent's final error carries the broker's cause.
+    let agent = env.start_agent(
+        &broker.addr,
+        &AgentOpts {
+            unlock_deadline: "2s".into(),
+            ..AgentOpts::default()
+        },
+    );
+    let img = sparse_file(&env.path().join("a.img"), 64);
+    let out = agent.cli(&["format", img.to_str().unwrap(), "--volume-id", "vol-agent"]);
+    assert_ne!(out.code, 0, "{out:?}");
+    assert!(
+        out.stderr.contains("no space left on device") && out.stderr.contains("free space"),
+        "the agent's error does not carry the broker's cause: {out:?}"
+    );
+    drop(agent);
 
     fs::remove_file(&filler).unwrap();
     nix::unistd::sync();
