@@ -1,6 +1,11 @@
 //! The broker client: mTLS channel with deadlines on every call, retries with backoff for
 //! transient failures until a caller-given deadline, keys taken into zeroizing types at
 //! once.
+//!
+//! Transient: connection refused or reset, timeouts, UNAVAILABLE (the broker's message is
+//! kept, e.g. its store's "no space left on device", and ends the final error). Permanent,
+//! failing at once: a TLS handshake refused on certificates, and every other gRPC code.
+//! No attempt runs past the deadline: each one's time is clipped to what is left of it.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -41,6 +46,14 @@ pub enum BrokerError {
     /// The client could not be set up (certificates, endpoint).
     #[error("key broker client: {0}")]
     Setup(String),
+    /// The TLS handshake with the broker failed on a certificate: not retried.
+    #[error("key broker {endpoint}: {what}")]
+    Tls {
+        /// Endpoint.
+        endpoint: String,
+        /// The reason, with what to check.
+        what: String,
+    },
     /// The broker sent a key of the wrong size.
     #[error("key broker {endpoint} sent a malformed key for {volume_id}")]
     BadKey {
@@ -57,7 +70,7 @@ impl BrokerError {
         match self {
             BrokerError::Unavailable { .. } => Code::Unavailable,
             BrokerError::Refused { status, .. } => status.code(),
-            BrokerError::Setup(_) => Code::FailedPrecondition,
+            BrokerError::Setup(_) | BrokerError::Tls { .. } => Code::FailedPrecondition,
             BrokerError::BadKey { .. } => Code::DataLoss,
         }
     }
@@ -104,7 +117,8 @@ impl Broker {
     }
 
     /// Runs `call` until it succeeds, fails for good, or `deadline` passes (backoff
-    /// 100 ms doubling to 2 s; the last wait is clipped to the deadline).
+    /// 100 ms doubling to 2 s; each attempt and the last wait are clipped to the
+    /// deadline, so the whole retry never outlasts it).
     async fn retry<T, F, Fut>(
         &self,
         deadline: Instant,
@@ -117,31 +131,54 @@ impl Broker {
     {
         let start = Instant::now();
         let mut backoff = Duration::from_millis(100);
+        let mut last: Option<String> = None;
         loop {
-            match call(self.client.clone()).await {
-                Ok(r) => return Ok(r.into_inner()),
-                Err(s) if transient(&s) => {
-                    let now = Instant::now();
-                    if now >= deadline {
-                        return Err(BrokerError::Unavailable {
-                            endpoint: self.endpoint.clone(),
-                            waited: now - start,
-                            last: s.message().to_string(),
-                        });
-                    }
-                    debug!(what, error = s.message(), "broker call failed; retrying");
-                    let wait = backoff.min(deadline - now);
-                    tokio::time::sleep(wait).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(2));
-                }
-                Err(status) => {
-                    warn!(what, code = ?status.code(), error = status.message(), "broker refused");
-                    return Err(BrokerError::Refused {
-                        endpoint: self.endpoint.clone(),
-                        status,
-                    });
-                }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let outcome = if left.is_zero() {
+                None
+            } else {
+                tokio::time::timeout(left, call(self.client.clone()))
+                    .await
+                    .ok()
+            };
+            let s = match outcome {
+                Some(Ok(r)) => return Ok(r.into_inner()),
+                Some(Err(s)) => s,
+                None => Status::deadline_exceeded(format!(
+                    "no answer within the {:?} left of the deadline{}",
+                    left,
+                    last.as_deref()
+                        .map(|l| format!(" (before that: {l})"))
+                        .unwrap_or_default()
+                )),
+            };
+            if let Some(t) = client::tls_rejection(&s) {
+                warn!(what, error = %t, "broker TLS handshake refused; not retrying");
+                return Err(BrokerError::Tls {
+                    endpoint: self.endpoint.clone(),
+                    what: t.to_string(),
+                });
             }
+            if !transient(&s) {
+                warn!(what, code = ?s.code(), error = s.message(), "broker refused");
+                return Err(BrokerError::Refused {
+                    endpoint: self.endpoint.clone(),
+                    status: s,
+                });
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(BrokerError::Unavailable {
+                    endpoint: self.endpoint.clone(),
+                    waited: now - start,
+                    last: s.message().to_string(),
+                });
+            }
+            debug!(what, error = s.message(), "broker call failed; retrying");
+            last = Some(s.message().to_string());
+            let wait = backoff.min(deadline - now);
+            tokio::time::sleep(wait).await;
+            backoff = (backoff * 2).min(Duration::from_secs(2));
         }
     }
 

@@ -1,11 +1,24 @@
-//! Who may do what: pure functions over an [`Identity`] and a volume record.
+//! Who may do what: pure functions over an [`Identity`], a volume record and the
+//! broker's [`Policy`].
 //!
-//! A node creates keys bound to itself and reads, rotates, retires, destroys and
-//! describes only keys bound to itself; an admin may do everything, and only an admin
-//! may rebind. A refusal never names the node a volume is bound to.
+//! **Admins manage, nodes read.** A node creates keys bound to itself and reads,
+//! rotates, retires, destroys and describes only keys bound to itself. An admin creates
+//! (for a named node), rotates, retires, rebinds, destroys, lists and describes any
+//! volume, and never reads key bytes: `GetVolumeKey` is refused, and the key field of
+//! what `CreateVolumeKey` and `RotateVolumeKey` answer an admin is left empty
+//! ([`receives_key_bytes`]). A recovery identity (break-glass) may read and describe any
+//! volume's key, and only where [`Policy::allow_recovery_reads`] is set; it changes
+//! nothing. A refusal never names the node a volume is bound to.
 
 use crate::identity::Identity;
 use crate::store::VolumeRecord;
+
+/// The broker's authorization settings (from its config).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// Serve `GetVolumeKey` to `spiffe://TD/recovery/NAME` identities (default false).
+    pub allow_recovery_reads: bool,
+}
 
 /// An operation to authorize.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -15,7 +28,7 @@ pub enum Action<'a> {
         /// The requested node.
         node: &'a str,
     },
-    /// Fetch a key.
+    /// Fetch a key's bytes.
     Get,
     /// Add a version.
     Rotate,
@@ -50,7 +63,17 @@ pub fn create_target<'a>(who: &'a Identity, requested: &'a str) -> Result<&'a st
             "an admin creating a key must name the node to bind it to (node_id)".into(),
         )),
         Identity::Admin(_) => Ok(requested),
+        Identity::Recovery(r) => Err(Denied(format!(
+            "recovery identity {r} may only read keys; it creates nothing"
+        ))),
     }
+}
+
+/// Whether a successful answer to `who` may carry key bytes (CreateVolumeKey,
+/// RotateVolumeKey): only for a node (the volume's own, as [`check`] has established).
+/// An admin's answer carries the metadata with an empty key field.
+pub fn receives_key_bytes(who: &Identity) -> bool {
+    matches!(who, Identity::Node(_))
 }
 
 /// May `who` perform `action` on `record` (or, for listings and creates, at all)?
@@ -58,25 +81,43 @@ pub fn check(
     who: &Identity,
     action: Action<'_>,
     record: Option<&VolumeRecord>,
+    policy: Policy,
 ) -> Result<(), Denied> {
-    let Identity::Node(me) = who else {
-        return Ok(()); // admins may do everything
-    };
-    match action {
-        Action::Rebind => Err(Denied(
-            "only an admin may rebind a volume to another node".into(),
-        )),
-        Action::List { node } if !node.is_empty() && node != me => {
-            Err(Denied(format!("node {me} may list only its own volumes")))
-        }
-        Action::List { .. } => Ok(()),
-        Action::Create { node } => {
-            create_target(who, node)?;
-            bound_to_me(me, record)
-        }
-        Action::Get | Action::Rotate | Action::Retire | Action::Destroy | Action::Describe => {
-            bound_to_me(me, record)
-        }
+    match who {
+        Identity::Admin(name) => match action {
+            Action::Get => Err(Denied(format!(
+                "admin {name} may manage volumes but never read their keys: only the node a \
+                 volume is bound to fetches it (a break-glass read needs a recovery identity \
+                 on a broker with allow_recovery_reads)"
+            ))),
+            _ => Ok(()),
+        },
+        Identity::Recovery(name) => match action {
+            Action::Get | Action::Describe if policy.allow_recovery_reads => Ok(()),
+            Action::Get | Action::Describe => Err(Denied(format!(
+                "recovery identity {name} refused: this broker does not allow recovery reads \
+                 (allow_recovery_reads = false in its config)"
+            ))),
+            _ => Err(Denied(format!(
+                "recovery identity {name} may only read keys; it changes nothing"
+            ))),
+        },
+        Identity::Node(me) => match action {
+            Action::Rebind => Err(Denied(
+                "only an admin may rebind a volume to another node".into(),
+            )),
+            Action::List { node } if !node.is_empty() && node != me => {
+                Err(Denied(format!("node {me} may list only its own volumes")))
+            }
+            Action::List { .. } => Ok(()),
+            Action::Create { node } => {
+                create_target(who, node)?;
+                bound_to_me(me, record)
+            }
+            Action::Get | Action::Rotate | Action::Retire | Action::Destroy | Action::Describe => {
+                bound_to_me(me, record)
+            }
+        },
     }
 }
 
@@ -109,6 +150,11 @@ mod tests {
     fn matrix() {
         let a = Identity::Node("a".into());
         let admin = Identity::Admin("ops".into());
+        let rescue = Identity::Recovery("officer".into());
+        let off = Policy::default();
+        let on = Policy {
+            allow_recovery_reads: true,
+        };
         let of_b = rec("b");
         for action in [
             Action::Get,
@@ -117,20 +163,64 @@ mod tests {
             Action::Destroy,
             Action::Describe,
         ] {
-            let err = check(&a, action, Some(&of_b)).unwrap_err();
+            let err = check(&a, action, Some(&of_b), off).unwrap_err();
             assert!(
                 !err.0.contains("node b"),
                 "must not reveal the owner: {err}"
             );
-            assert!(check(&a, action, Some(&rec("a"))).is_ok());
-            assert!(check(&admin, action, Some(&of_b)).is_ok());
+            assert!(check(&a, action, Some(&rec("a")), off).is_ok());
         }
-        assert!(check(&a, Action::Rebind, Some(&rec("a"))).is_err());
-        assert!(check(&admin, Action::Rebind, Some(&of_b)).is_ok());
-        assert!(check(&a, Action::List { node: "b" }, None).is_err());
-        assert!(check(&a, Action::List { node: "" }, None).is_ok());
-        assert!(check(&a, Action::Create { node: "b" }, None).is_err());
-        assert!(check(&a, Action::Create { node: "" }, Some(&of_b)).is_err());
+        // Admins manage, nodes read: an admin never reads a key, whatever the policy.
+        for p in [off, on] {
+            let err = check(&admin, Action::Get, Some(&of_b), p).unwrap_err();
+            assert!(err.0.contains("never read"), "{err}");
+            assert!(
+                !err.0.contains("node b"),
+                "must not reveal the owner: {err}"
+            );
+        }
+        for action in [
+            Action::Rotate,
+            Action::Retire,
+            Action::Destroy,
+            Action::Describe,
+            Action::Rebind,
+            Action::List { node: "" },
+            Action::Create { node: "b" },
+        ] {
+            assert!(
+                check(&admin, action, Some(&of_b), off).is_ok(),
+                "{action:?}"
+            );
+        }
+        assert!(receives_key_bytes(&a));
+        assert!(!receives_key_bytes(&admin));
+        assert!(!receives_key_bytes(&rescue));
+        // Recovery: reads only, and only where enabled.
+        for action in [Action::Get, Action::Describe] {
+            let err = check(&rescue, action, Some(&of_b), off).unwrap_err();
+            assert!(err.0.contains("allow_recovery_reads"), "{err}");
+            assert!(check(&rescue, action, Some(&of_b), on).is_ok());
+        }
+        for action in [
+            Action::Rotate,
+            Action::Retire,
+            Action::Destroy,
+            Action::Rebind,
+            Action::List { node: "" },
+            Action::Create { node: "b" },
+        ] {
+            assert!(
+                check(&rescue, action, Some(&of_b), on).is_err(),
+                "{action:?}"
+            );
+        }
+        assert!(create_target(&rescue, "b").is_err());
+        assert!(check(&a, Action::Rebind, Some(&rec("a")), off).is_err());
+        assert!(check(&a, Action::List { node: "b" }, None, off).is_err());
+        assert!(check(&a, Action::List { node: "" }, None, off).is_ok());
+        assert!(check(&a, Action::Create { node: "b" }, None, off).is_err());
+        assert!(check(&a, Action::Create { node: "" }, Some(&of_b), off).is_err());
         assert_eq!(create_target(&a, "").unwrap(), "a");
         assert!(create_target(&admin, "").is_err());
         assert_eq!(create_target(&admin, "b").unwrap(), "b");

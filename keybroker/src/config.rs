@@ -43,6 +43,28 @@ pub struct Config {
     /// A request that takes longer is cancelled (default 30 s).
     #[serde(default = "request_ms")]
     pub request_timeout_ms: u64,
+    /// After its TLS handshake, a connection must send the HTTP/2 preface and its first
+    /// request's headers within this many milliseconds or it is closed (default 10 s): a
+    /// client that completes TLS and says nothing holds a file descriptor no longer.
+    #[serde(default = "first_request_ms")]
+    pub first_request_timeout_ms: u64,
+    /// A connection with no request in flight for this many milliseconds is closed
+    /// (default 300 s; clients reconnect on their next call). HTTP/2 keepalive pings
+    /// (every 20 s, 10 s to answer) close a dead peer's connection sooner.
+    #[serde(default = "idle_ms")]
+    pub idle_timeout_ms: u64,
+    /// Open client connections at most, handshaking or established (default 4096). One
+    /// more is closed right after `accept`, before any TLS work, so a flood of idle or
+    /// half-open connections cannot exhaust the file descriptors `accept` needs. Keep it
+    /// well under the unit's `LimitNOFILE` (65536): each connection is one descriptor.
+    #[serde(default = "max_connections")]
+    pub max_connections: usize,
+    /// Serve `GetVolumeKey` to break-glass identities `spiffe://<trust_domain>/recovery/<name>`
+    /// (default false: refused). Every such read, served or refused, is audited as
+    /// `GetVolumeKey:RECOVERY_READ` and logged at WARN. Admin identities never read keys,
+    /// whatever this says.
+    #[serde(default)]
+    pub allow_recovery_reads: bool,
 }
 
 fn yes() -> bool {
@@ -59,6 +81,15 @@ fn handshake_ms() -> u64 {
 }
 fn request_ms() -> u64 {
     30_000
+}
+fn first_request_ms() -> u64 {
+    10_000
+}
+fn idle_ms() -> u64 {
+    300_000
+}
+fn max_connections() -> usize {
+    4096
 }
 
 /// A configuration that cannot be used.
@@ -88,6 +119,25 @@ impl Config {
                 MAX_COMMIT_DELAY_US / 1000
             )));
         }
+        if cfg.max_connections == 0 {
+            return Err(err(
+                "max_connections = 0 would refuse every client; leave it out for the default \
+                 (4096)"
+                    .into(),
+            ));
+        }
+        for (name, ms) in [
+            ("handshake_timeout_ms", cfg.handshake_timeout_ms),
+            ("first_request_timeout_ms", cfg.first_request_timeout_ms),
+            ("idle_timeout_ms", cfg.idle_timeout_ms),
+        ] {
+            if ms == 0 {
+                return Err(err(format!(
+                    "{name} = 0 would close every connection at once; leave it out for the \
+                     default"
+                )));
+            }
+        }
         if cfg.trust_domain.is_empty() || cfg.trust_domain.contains('/') {
             return Err(err(format!(
                 "trust_domain {:?} is not a domain name",
@@ -100,6 +150,17 @@ impl Config {
     /// The audit log's group-commit delay.
     pub fn audit_commit_delay(&self) -> std::time::Duration {
         std::time::Duration::from_micros(self.audit_commit_delay_us)
+    }
+
+    /// The connection bounds of the listener.
+    pub fn limits(&self) -> crate::conn::Limits {
+        use std::time::Duration;
+        crate::conn::Limits {
+            handshake: Duration::from_millis(self.handshake_timeout_ms),
+            first_request: Duration::from_millis(self.first_request_timeout_ms),
+            idle: Duration::from_millis(self.idle_timeout_ms),
+            max_connections: self.max_connections,
+        }
     }
 
     /// The audit log path.
@@ -142,6 +203,25 @@ mod tests {
                 .audit_commit_delay_us,
             0
         );
+    }
+
+    #[test]
+    fn connection_bounds_and_recovery_reads_have_safe_defaults() {
+        let cfg = load("").unwrap();
+        assert!(!cfg.allow_recovery_reads);
+        let l = cfg.limits();
+        assert_eq!(l.max_connections, 4096);
+        assert_eq!(l.first_request, std::time::Duration::from_secs(10));
+        assert_eq!(l.idle, std::time::Duration::from_secs(300));
+        assert!(load("max_connections = 0").is_err());
+        assert!(load("first_request_timeout_ms = 0").is_err());
+        assert!(
+            load("max_connection = 5").is_err(),
+            "unknown fields are refused"
+        );
+        let cfg = load("max_connections = 10\nallow_recovery_reads = true").unwrap();
+        assert_eq!(cfg.limits().max_connections, 10);
+        assert!(cfg.allow_recovery_reads);
     }
 
     #[test]

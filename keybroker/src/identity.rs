@@ -1,8 +1,10 @@
 //! Peer certificate → [`Identity`]: the SPIFFE URI SAN of an mTLS client certificate.
 //!
-//! Accepted forms: `spiffe://<trust-domain>/node/<node-id>` and
-//! `spiffe://<trust-domain>/admin/<name>`. A certificate with no such SAN, with several,
-//! or from another trust domain has no identity here.
+//! Accepted forms: `spiffe://<trust-domain>/node/<node-id>`,
+//! `spiffe://<trust-domain>/admin/<name>` and `spiffe://<trust-domain>/recovery/<name>`
+//! (break-glass key reads, served only where the broker's config enables them). A
+//! certificate with no such SAN, with several, or from another trust domain has no
+//! identity here.
 
 use std::fmt;
 
@@ -16,8 +18,12 @@ use crate::validate;
 pub enum Identity {
     /// A node agent: may use only the volumes bound to this node id.
     Node(String),
-    /// An operator or the cluster manager: may do everything.
+    /// An operator or the cluster manager: manages every volume (create, rebind,
+    /// destroy, list, describe) but never reads key bytes.
     Admin(String),
+    /// A break-glass recovery officer: may read any volume's key, only where the broker's
+    /// config sets `allow_recovery_reads`, every read audited as a recovery read.
+    Recovery(String),
 }
 
 impl Identity {
@@ -25,7 +31,7 @@ impl Identity {
     pub fn node_id(&self) -> Option<&str> {
         match self {
             Identity::Node(n) => Some(n),
-            Identity::Admin(_) => None,
+            Identity::Admin(_) | Identity::Recovery(_) => None,
         }
     }
 
@@ -39,6 +45,7 @@ impl Identity {
         match self {
             Identity::Node(n) => format!("spiffe://{trust_domain}/node/{n}"),
             Identity::Admin(a) => format!("spiffe://{trust_domain}/admin/{a}"),
+            Identity::Recovery(r) => format!("spiffe://{trust_domain}/recovery/{r}"),
         }
     }
 }
@@ -48,6 +55,7 @@ impl fmt::Display for Identity {
         match self {
             Identity::Node(n) => write!(f, "node/{n}"),
             Identity::Admin(a) => write!(f, "admin/{a}"),
+            Identity::Recovery(r) => write!(f, "recovery/{r}"),
         }
     }
 }
@@ -68,7 +76,7 @@ pub enum IdentityError {
     #[error("the client certificate has {0} spiffe:// URI SANs; exactly one is accepted")]
     SeveralSpiffeIds(usize),
     /// The SPIFFE id names another trust domain or an unknown path.
-    #[error("SPIFFE id {id:?} is not spiffe://{trust_domain}/node/<id> or spiffe://{trust_domain}/admin/<name>")]
+    #[error("SPIFFE id {id:?} is not spiffe://{trust_domain}/node/<id>, spiffe://{trust_domain}/admin/<name> or spiffe://{trust_domain}/recovery/<name>")]
     Unrecognized {
         /// The id found.
         id: String,
@@ -95,6 +103,7 @@ pub fn parse_spiffe_id(id: &str, trust_domain: &str) -> Result<Identity, Identit
     match kind {
         "node" => Ok(Identity::Node(name.to_string())),
         "admin" => Ok(Identity::Admin(name.to_string())),
+        "recovery" => Ok(Identity::Recovery(name.to_string())),
         _ => Err(unrecognized()),
     }
 }
@@ -134,6 +143,10 @@ mod tests {
         assert_eq!(
             parse_spiffe_id("spiffe://rack.example/admin/ops", td),
             Ok(Identity::Admin("ops".into()))
+        );
+        assert_eq!(
+            parse_spiffe_id("spiffe://rack.example/recovery/officer1", td),
+            Ok(Identity::Recovery("officer1".into()))
         );
         for bad in [
             "spiffe://other.example/node/n1",

@@ -7,6 +7,7 @@ pub mod audit;
 pub mod authz;
 pub mod client;
 pub mod config;
+pub mod conn;
 pub mod identity;
 pub mod pki;
 pub mod process;

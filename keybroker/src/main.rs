@@ -44,13 +44,14 @@ enum Cmd {
         #[command(subcommand)]
         cmd: AuditCmd,
     },
-    /// Administration over gRPC with an admin identity (the cluster manager's commands).
+    /// Administration over gRPC with an admin identity (the cluster manager's commands):
+    /// admins manage volumes and never read keys.
     Admin(AdminArgs),
 }
 
 #[derive(Subcommand)]
 enum PkiCmd {
-    /// Create (or complete) a dev CA with broker, node and admin certificates.
+    /// Create (or complete) a dev CA with broker, node, admin and recovery certificates.
     Init {
         /// Output directory (0700).
         #[arg(long)]
@@ -61,9 +62,13 @@ enum PkiCmd {
         /// Node names (repeatable).
         #[arg(long = "node")]
         nodes: Vec<String>,
-        /// Admin names (repeatable).
+        /// Admin names (repeatable): manage volumes, never read keys.
         #[arg(long = "admin")]
         admins: Vec<String>,
+        /// Break-glass recovery names (repeatable): `spiffe://TD/recovery/NAME`, which may
+        /// read any volume's key only where the broker sets `allow_recovery_reads`.
+        #[arg(long = "recovery")]
+        recovery: Vec<String>,
         /// Extra DNS names or IPs for the broker certificate (repeatable).
         #[arg(long = "broker-dns")]
         broker_dns: Vec<String>,
@@ -190,6 +195,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                     trust_domain,
                     nodes,
                     admins,
+                    recovery,
                     broker_dns,
                 },
         } => {
@@ -198,6 +204,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                 trust_domain,
                 nodes,
                 admins,
+                recovery,
                 broker_dns,
             })?;
             for c in &created {

@@ -53,6 +53,9 @@ pub struct PkiRequest {
     pub nodes: Vec<String>,
     /// Admin names (`spiffe://TD/admin/NAME`).
     pub admins: Vec<String>,
+    /// Break-glass recovery names (`spiffe://TD/recovery/NAME`): served key reads only
+    /// by a broker whose config sets `allow_recovery_reads`.
+    pub recovery: Vec<String>,
     /// Extra DNS names for the broker's server certificate (localhost and 127.0.0.1 are always in).
     pub broker_dns: Vec<String>,
 }
@@ -72,6 +75,10 @@ pub mod files {
     /// Certificate path stem of an admin.
     pub fn admin(name: &str) -> String {
         format!("admin-{name}")
+    }
+    /// Certificate path stem of a recovery identity.
+    pub fn recovery(name: &str) -> String {
+        format!("recovery-{name}")
     }
 }
 
@@ -158,7 +165,7 @@ fn issue(
 pub fn init(req: &PkiRequest) -> Result<Vec<PathBuf>, PkiError> {
     validate::name(&req.trust_domain.replace('.', "-"))
         .map_err(|e| PkiError::Invalid(format!("trust domain {:?} {e}", req.trust_domain)))?;
-    for n in req.nodes.iter().chain(&req.admins) {
+    for n in req.nodes.iter().chain(&req.admins).chain(&req.recovery) {
         validate::name(n).map_err(|e| PkiError::Invalid(format!("name {n:?} {e}")))?;
     }
     fs::create_dir_all(&req.dir).map_err(io(&req.dir))?;
@@ -205,6 +212,17 @@ pub fn init(req: &PkiRequest) -> Result<Vec<PathBuf>, PkiError> {
             &mut created,
         )?;
     }
+    for r in &req.recovery {
+        issue(
+            &req.dir,
+            &files::recovery(r),
+            &issuer,
+            r,
+            &format!("spiffe://{td}/recovery/{r}"),
+            &[],
+            &mut created,
+        )?;
+    }
     Ok(created)
 }
 
@@ -221,10 +239,11 @@ mod tests {
             trust_domain: "rack.test".into(),
             nodes: vec!["n1".into()],
             admins: vec!["ops".into()],
+            recovery: vec!["officer".into()],
             broker_dns: vec![],
         };
         let created = init(&req).unwrap();
-        assert_eq!(created.len(), 3);
+        assert_eq!(created.len(), 4);
         let certs = crate::tls::load_certs(&req.dir.join("node-n1.pem")).unwrap();
         assert_eq!(
             from_cert_der(&certs[0], "rack.test").unwrap(),
@@ -236,6 +255,11 @@ mod tests {
             Identity::Admin("ops".into())
         );
         assert!(from_cert_der(&certs[0], "other.test").is_err());
+        let certs = crate::tls::load_certs(&req.dir.join("recovery-officer.pem")).unwrap();
+        assert_eq!(
+            from_cert_der(&certs[0], "rack.test").unwrap(),
+            Identity::Recovery("officer".into())
+        );
         let mode = fs::metadata(req.dir.join("ca.key"))
             .unwrap()
             .permissions()

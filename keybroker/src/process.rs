@@ -36,6 +36,29 @@ pub fn harden() {
     }
 }
 
+/// File descriptors a server needs besides its client connections (store, audit log,
+/// listener, runtime, logging), with room to spare.
+pub const FD_RESERVE: u64 = 64;
+
+/// Warns (once, at start) when `max_connections` client connections plus
+/// [`FD_RESERVE`] do not fit in `RLIMIT_NOFILE`: the cap then cannot keep `accept` from
+/// failing with EMFILE (the accept loop still backs off instead of spinning).
+pub fn check_fd_budget(max_connections: usize) {
+    let Ok((soft, _)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let need = max_connections as u64 + FD_RESERVE;
+    if soft != RLIM_INFINITY && soft < need {
+        tracing::warn!(
+            nofile = soft,
+            max_connections,
+            "RLIMIT_NOFILE is below max_connections + {FD_RESERVE}: a flood of connections \
+             can exhaust file descriptors before the cap refuses them (systemd: LimitNOFILE, \
+             or lower max_connections)"
+        );
+    }
+}
+
 /// The `RLIMIT_MEMLOCK` soft limit in bytes, if it binds this process (`None`: no limit,
 /// or `CAP_IPC_LOCK` in the effective set).
 fn memlock_limit() -> Option<u64> {

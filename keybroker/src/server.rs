@@ -165,9 +165,8 @@ impl Bound {
             cfg,
             tls,
         } = self;
-        let handshake = Duration::from_millis(cfg.handshake_timeout_ms);
         let (incoming, accept_loop) =
-            tls::incoming(listener, tls, handshake, cfg.trust_domain.clone());
+            tls::incoming_with(listener, tls, cfg.limits(), cfg.trust_domain.clone());
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<KeyBrokerServer<Broker>>().await;
@@ -187,6 +186,7 @@ impl Bound {
             .timeout(Duration::from_millis(cfg.request_timeout_ms))
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .layer(crate::conn::GrpcContractLayer)
             .add_service(health_service)
             .add_service(reflection)
             .add_service(KeyBrokerServer::new(broker))
@@ -219,7 +219,13 @@ pub async fn bind(cfg: Config) -> Result<Bound, ServeError> {
     let listener = TcpListener::bind(cfg.listen)
         .await
         .map_err(|e| ServeError::Io(format!("cannot listen on {}: {e}", cfg.listen)))?;
-    let broker = Broker::new(store, kek.clone(), audit);
+    let broker = Broker::new(store, kek.clone(), audit).with_policy(crate::authz::Policy {
+        allow_recovery_reads: cfg.allow_recovery_reads,
+    });
+    if cfg.allow_recovery_reads {
+        tracing::warn!("allow_recovery_reads is on: recovery identities may read any volume's key (each read audited)");
+    }
+    crate::process::check_fd_budget(cfg.max_connections);
     info!(listen = %listener.local_addr().map_err(|e| ServeError::Io(e.to_string()))?, kek_id = kek.id(), "key broker ready");
     Ok(Bound {
         listener,

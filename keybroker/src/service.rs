@@ -11,7 +11,7 @@ use tonic::{Code, Request, Response, Status};
 use tracing::{info, warn, Instrument};
 
 use crate::audit::{AuditEvent, AuditLog};
-use crate::authz::{self, Action};
+use crate::authz::{self, Action, Policy};
 use crate::identity::{Identity, IdentityError};
 use crate::store::{KeyState, KeyStore, KeyVersion, Revision, StoreError, VolumeRecord};
 use crate::tls::Peer;
@@ -26,7 +26,12 @@ pub struct Broker {
     store: Arc<dyn KeyStore>,
     kek: Arc<Kek>,
     audit: AuditLog,
+    policy: Policy,
 }
+
+/// The audit `rpc` of a break-glass key read: distinct from `GetVolumeKey`, so that a
+/// search of the audit log for recovery reads finds every one.
+pub const RECOVERY_READ_RPC: &str = "GetVolumeKey:RECOVERY_READ";
 
 /// The authenticated caller of one request.
 struct Caller {
@@ -79,7 +84,7 @@ fn store_err(e: StoreError) -> Status {
             Status::aborted(format!("volume {v}: too much contention, retry"))
         }
         StoreError::Corrupt { .. } => Status::data_loss(e.to_string()),
-        StoreError::Backend(_) => Status::unavailable(e.to_string()),
+        StoreError::Backend(_) | StoreError::Io { .. } => Status::unavailable(e.to_string()),
     }
 }
 
@@ -152,7 +157,18 @@ impl Broker {
     /// identified by the [`Peer`] their connection established
     /// ([`crate::tls::incoming`] decides the trust domain).
     pub fn new(store: Arc<dyn KeyStore>, kek: Arc<Kek>, audit: AuditLog) -> Self {
-        Self { store, kek, audit }
+        Self {
+            store,
+            kek,
+            audit,
+            policy: Policy::default(),
+        }
+    }
+
+    /// The same service under `policy` (default: [`Policy::default`], no recovery reads).
+    pub fn with_policy(mut self, policy: Policy) -> Self {
+        self.policy = policy;
+        self
     }
 
     /// The caller, from the identity its connection established at the TLS handshake.
@@ -237,9 +253,15 @@ impl Broker {
         if let Err(e) = self.audit.record(event).await {
             let _g = span.enter();
             warn!(rpc, volume_id = %vid, peer = %who, error = %e, "audit failed; the call is refused");
-            return Err(Status::unavailable(format!(
-                "audit log unavailable, nothing served: {e}"
-            )));
+            // A call that had already failed keeps its own cause first (a full state
+            // filesystem fails the store before the audit log).
+            return Err(match result {
+                Err(s) => Status::new(
+                    s.code(),
+                    format!("{}; the audit log is unavailable too: {e}", s.message()),
+                ),
+                Ok(_) => Status::unavailable(format!("audit log unavailable, nothing served: {e}")),
+            });
         }
         {
             let _g = span.enter();
@@ -267,7 +289,14 @@ impl Broker {
             .ok_or_else(|| not_found(volume_id))
     }
 
-    fn key_message(&self, rec: &VolumeRecord, version: u64) -> Result<pb::VolumeKey, Status> {
+    /// The answer carrying `version`'s key; with `with_key` false (an admin's create or
+    /// rotate) the key field is left empty and nothing is unwrapped.
+    fn key_message(
+        &self,
+        rec: &VolumeRecord,
+        version: u64,
+        with_key: bool,
+    ) -> Result<pb::VolumeKey, Status> {
         let kv = rec.version(version).ok_or_else(|| {
             Status::not_found(format!(
                 "volume {} has no key version {version} (current is {})",
@@ -292,14 +321,19 @@ impl Broker {
                 )))
             }
         };
-        let key = self
-            .kek
-            .unwrap(&rec.volume_id, version, wrapped)
-            .map_err(wrap_err)?;
+        let key = if with_key {
+            let key = self
+                .kek
+                .unwrap(&rec.volume_id, version, wrapped)
+                .map_err(wrap_err)?;
+            key.expose().to_vec()
+        } else {
+            Vec::new()
+        };
         Ok(pb::VolumeKey {
             volume_id: rec.volume_id.clone(),
             version,
-            key: key.expose().to_vec(),
+            key,
             current_version: rec.current_version(),
         })
     }
@@ -335,10 +369,16 @@ impl Broker {
         let target = authz::create_target(&c.identity, &r.node_id)
             .map_err(denied)?
             .to_string();
+        let with_key = authz::receives_key_bytes(&c.identity);
         for _ in 0..CAS_ATTEMPTS {
             if let Some((_, rec)) = self.store.get(&r.volume_id).await.map_err(store_err)? {
-                authz::check(&c.identity, Action::Create { node: &r.node_id }, Some(&rec))
-                    .map_err(denied)?;
+                authz::check(
+                    &c.identity,
+                    Action::Create { node: &r.node_id },
+                    Some(&rec),
+                    self.policy,
+                )
+                .map_err(denied)?;
                 if let Some(s) = destroyed(&rec) {
                     return Err(s);
                 }
@@ -349,7 +389,7 @@ impl Broker {
                     )));
                 }
                 let v = rec.current_version();
-                return Ok((self.key_message(&rec, v)?, Some(v)));
+                return Ok((self.key_message(&rec, v, with_key)?, Some(v)));
             }
             let now = crate::now_rfc3339();
             let rec = VolumeRecord {
@@ -363,7 +403,7 @@ impl Broker {
             match self.store.put(&rec, None).await {
                 Ok(_) => {
                     info!(node = %target, "volume key created");
-                    return Ok((self.key_message(&rec, 1)?, Some(1)));
+                    return Ok((self.key_message(&rec, 1, with_key)?, Some(1)));
                 }
                 Err(StoreError::Conflict(_)) => continue,
                 Err(e) => return Err(store_err(e)),
@@ -380,7 +420,7 @@ impl Broker {
         validate::volume_id(&r.volume_id).map_err(invalid)?;
         validate::version(r.version, true).map_err(invalid)?;
         let (_, rec) = self.load(&r.volume_id).await?;
-        authz::check(&c.identity, Action::Get, Some(&rec)).map_err(denied)?;
+        authz::check(&c.identity, Action::Get, Some(&rec), self.policy).map_err(denied)?;
         if let Some(s) = destroyed(&rec) {
             return Err(s);
         }
@@ -389,7 +429,7 @@ impl Broker {
         } else {
             r.version
         };
-        Ok((self.key_message(&rec, v)?, Some(v)))
+        Ok((self.key_message(&rec, v, true)?, Some(v)))
     }
 
     async fn rotate(
@@ -399,10 +439,11 @@ impl Broker {
     ) -> Result<(pb::VolumeKey, Option<u64>), Status> {
         validate::volume_id(&r.volume_id).map_err(invalid)?;
         validate::version(r.expected_current_version, true).map_err(invalid)?;
+        let with_key = authz::receives_key_bytes(&c.identity);
         for _ in 0..CAS_ATTEMPTS {
             let (rev, rec) = self.load(&r.volume_id).await?;
             let mut rec = Arc::unwrap_or_clone(rec);
-            authz::check(&c.identity, Action::Rotate, Some(&rec)).map_err(denied)?;
+            authz::check(&c.identity, Action::Rotate, Some(&rec), self.policy).map_err(denied)?;
             if let Some(s) = destroyed(&rec) {
                 return Err(s);
             }
@@ -410,7 +451,7 @@ impl Broker {
             let expected = r.expected_current_version;
             if expected != 0 && cur > expected {
                 // Already rotated past what the caller saw (a retry after a crash): no new version.
-                return Ok((self.key_message(&rec, cur)?, Some(cur)));
+                return Ok((self.key_message(&rec, cur, with_key)?, Some(cur)));
             }
             if expected != 0 && cur < expected {
                 return Err(Status::failed_precondition(format!(
@@ -429,7 +470,7 @@ impl Broker {
             match self.store.put(&rec, Some(rev)).await {
                 Ok(_) => {
                     info!(version = cur + 1, "volume key rotated");
-                    return Ok((self.key_message(&rec, cur + 1)?, Some(cur + 1)));
+                    return Ok((self.key_message(&rec, cur + 1, with_key)?, Some(cur + 1)));
                 }
                 Err(StoreError::Conflict(_)) => continue,
                 Err(e) => return Err(store_err(e)),
@@ -448,7 +489,7 @@ impl Broker {
         for _ in 0..CAS_ATTEMPTS {
             let (rev, rec) = self.load(&r.volume_id).await?;
             let mut rec = Arc::unwrap_or_clone(rec);
-            authz::check(&c.identity, Action::Retire, Some(&rec)).map_err(denied)?;
+            authz::check(&c.identity, Action::Retire, Some(&rec), self.policy).map_err(denied)?;
             let cur = rec.current_version();
             let kek_id = self.kek.id().to_string();
             let Some(kv) = rec.version_mut(r.version) else {
@@ -494,7 +535,7 @@ impl Broker {
         for _ in 0..CAS_ATTEMPTS {
             let (rev, rec) = self.load(&r.volume_id).await?;
             let mut rec = Arc::unwrap_or_clone(rec);
-            authz::check(&c.identity, Action::Destroy, Some(&rec)).map_err(denied)?;
+            authz::check(&c.identity, Action::Destroy, Some(&rec), self.policy).map_err(denied)?;
             if rec.destroyed_at.is_some() {
                 return Ok((volume_info(&rec, self.kek.id()), None));
             }
@@ -528,7 +569,7 @@ impl Broker {
         if !r.expected_node_id.is_empty() {
             validate::node_id(&r.expected_node_id).map_err(invalid)?;
         }
-        authz::check(&c.identity, Action::Rebind, None).map_err(denied)?;
+        authz::check(&c.identity, Action::Rebind, None, self.policy).map_err(denied)?;
         for _ in 0..CAS_ATTEMPTS {
             let (rev, rec) = self.load(&r.volume_id).await?;
             let mut rec = Arc::unwrap_or_clone(rec);
@@ -578,14 +619,43 @@ impl KeyBroker for Broker {
         &self,
         req: Request<pb::GetVolumeKeyRequest>,
     ) -> Result<Response<pb::VolumeKey>, Status> {
+        // A break-glass read is audited under its own rpc name, with a WARN line, whether
+        // it is served or refused.
+        let recovery = req
+            .extensions()
+            .get::<Peer>()
+            .is_some_and(|p| matches!(p.identity(), Ok((Identity::Recovery(_), _))));
+        let rpc = if recovery {
+            RECOVERY_READ_RPC
+        } else {
+            "GetVolumeKey"
+        };
         self.run(
-            "GetVolumeKey",
+            rpc,
             Access::Read,
             req,
             |r| &r.volume_id,
             |c, r| async move {
                 let mut o = Outcome::of(self.get(&c, &r).await);
                 o.version = o.version.or(Some(r.version));
+                if let Identity::Recovery(name) = &c.identity {
+                    let served = o.result.is_ok();
+                    warn!(
+                        recovery = %name,
+                        volume_id = %audit_safe(&r.volume_id),
+                        served,
+                        "BREAK-GLASS recovery read of a volume key"
+                    );
+                    let note = if served {
+                        "break-glass recovery read: key served"
+                    } else {
+                        "break-glass recovery read: refused"
+                    };
+                    o.detail = Some(match o.detail.take() {
+                        Some(d) => format!("{note}: {d}"),
+                        None => note.to_string(),
+                    });
+                }
                 o
             },
         )
@@ -679,12 +749,17 @@ impl KeyBroker for Broker {
                         if !r.node_id.is_empty() {
                             validate::node_id(&r.node_id).map_err(invalid)?;
                         }
-                        authz::check(&c.identity, Action::List { node: &r.node_id }, None)
-                            .map_err(denied)?;
+                        authz::check(
+                            &c.identity,
+                            Action::List { node: &r.node_id },
+                            None,
+                            self.policy,
+                        )
+                        .map_err(denied)?;
                         let node = match (&c.identity, r.node_id.as_str()) {
                             (Identity::Node(me), _) => Some(me.as_str()),
-                            (Identity::Admin(_), "") => None,
-                            (Identity::Admin(_), n) => Some(n),
+                            (_, "") => None,
+                            (_, n) => Some(n),
                         };
                         let mut all = self.store.list().await.map_err(store_err)?;
                         all.retain(|rec| node.is_none_or(|n| rec.node_id == n));
@@ -716,7 +791,8 @@ impl KeyBroker for Broker {
                     async {
                         validate::volume_id(&r.volume_id).map_err(invalid)?;
                         let (_, rec) = self.load(&r.volume_id).await?;
-                        authz::check(&c.identity, Action::Describe, Some(&rec)).map_err(denied)?;
+                        authz::check(&c.identity, Action::Describe, Some(&rec), self.policy)
+                            .map_err(denied)?;
                         Ok((volume_info(&rec, self.kek.id()), None))
                     }
                     .await,

@@ -17,6 +17,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
 use tonic::transport::server::Connected;
 
+use crate::conn::{Limits, Watch};
 use crate::identity::{self, Identity, IdentityError};
 
 /// A TLS setup problem, naming the file at fault.
@@ -130,12 +131,22 @@ pub struct Peer(Arc<PeerInner>);
 struct PeerInner {
     addr: Arc<str>,
     identity: Result<(Identity, Arc<str>), IdentityError>,
+    watch: Option<Arc<Watch>>,
 }
 
 impl Peer {
     /// The peer of a connection from `addr` that presented the certificate chain `certs`,
     /// under `trust_domain`.
     pub fn new(addr: SocketAddr, certs: Option<&[CertificateDer<'_>]>, trust_domain: &str) -> Self {
+        Self::watched(addr, certs, trust_domain, None)
+    }
+
+    fn watched(
+        addr: SocketAddr,
+        certs: Option<&[CertificateDer<'_>]>,
+        trust_domain: &str,
+        watch: Option<Arc<Watch>>,
+    ) -> Self {
         let identity = certs
             .and_then(|c| c.first())
             .ok_or(IdentityError::NoCertificate)
@@ -147,6 +158,7 @@ impl Peer {
         Self(Arc::new(PeerInner {
             addr: addr.to_string().into(),
             identity,
+            watch,
         }))
     }
 
@@ -164,12 +176,21 @@ impl Peer {
             Err(e) => Err(e),
         }
     }
+
+    /// The deadlines of this peer's connection (accepted by [`incoming`]).
+    pub fn watch(&self) -> Option<&Arc<Watch>> {
+        self.0.watch.as_ref()
+    }
 }
 
-/// An accepted, handshaken TLS connection with its [`Peer`].
+/// An accepted, handshaken TLS connection with its [`Peer`]. Holds one of the listener's
+/// [`Limits::max_connections`] slots until it is dropped, and fails its next read once
+/// the connection passes its first-request or idle deadline (so hyper closes it).
 pub struct PeerStream {
     inner: tokio_rustls::server::TlsStream<TcpStream>,
     peer: Peer,
+    timer: Pin<Box<tokio::time::Sleep>>,
+    _slot: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Connected for PeerStream {
@@ -186,7 +207,14 @@ impl AsyncRead for PeerStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let this = &mut *self;
+        if let Some(watch) = this.peer.0.watch.as_ref() {
+            if let Some(e) = watch.poll_expired(&mut this.timer, cx) {
+                tracing::debug!(peer = %this.peer.addr(), error = %e, "closing connection");
+                return Poll::Ready(Err(e));
+            }
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
     }
 }
 
@@ -220,11 +248,22 @@ impl AsyncWrite for PeerStream {
     }
 }
 
-/// Accepted, handshaken TLS connections of `listener`, as a stream for tonic's
-/// `serve_with_incoming`, each with its [`Peer`] (identities of `trust_domain`). Each
-/// handshake runs in its own task under the `handshake` deadline, so a client that
-/// connects and says nothing blocks no one. Refused handshakes (no certificate, another
-/// CA) are logged. Abort the returned task to stop accepting.
+/// Whether an `accept` error means the process (or system) is out of a resource, so the
+/// loop should pause before trying again rather than spin.
+fn out_of_resources(e: &std::io::Error) -> bool {
+    use nix::errno::Errno;
+    matches!(
+        e.raw_os_error().map(Errno::from_raw),
+        Some(Errno::EMFILE | Errno::ENFILE | Errno::ENOBUFS | Errno::ENOMEM)
+    )
+}
+
+/// How long the accept loop pauses after running out of file descriptors (or memory):
+/// long enough not to spin, short enough that a slot freed meanwhile is used at once.
+pub const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(10);
+
+/// [`incoming_with`] with the default [`Limits`] but this `handshake` deadline (the
+/// agent's listener before it took explicit limits; kept for callers of that API).
 pub fn incoming(
     listener: TcpListener,
     config: Arc<ServerConfig>,
@@ -234,26 +273,98 @@ pub fn incoming(
     impl tokio_stream::Stream<Item = Result<PeerStream, std::io::Error>>,
     tokio::task::JoinHandle<()>,
 ) {
+    let limits = Limits {
+        handshake,
+        ..Limits::default()
+    };
+    incoming_with(listener, config, limits, trust_domain)
+}
+
+/// Accepted, handshaken TLS connections of `listener`, as a stream for tonic's
+/// `serve_with_incoming`, each with its [`Peer`] (identities of `trust_domain`), under
+/// `limits`:
+///
+/// - at most [`Limits::max_connections`] at once: one more is closed right after
+///   `accept`, before any TLS work, so a flood costs a file descriptor for an instant and
+///   never starves `accept`;
+/// - each handshake runs in its own task under [`Limits::handshake`], so a client that
+///   connects and says nothing blocks no one;
+/// - an established connection that sends no request within [`Limits::first_request`],
+///   or none for [`Limits::idle`], is closed (serve with
+///   [`crate::conn::GrpcContractLayer`] so requests are seen);
+/// - `accept` failing for want of file descriptors pauses the loop for
+///   [`ACCEPT_BACKOFF`] (logged at most once a second), then goes on.
+///
+/// Refused handshakes (no certificate, another CA) are logged. Abort the returned task
+/// to stop accepting.
+pub fn incoming_with(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    limits: Limits,
+    trust_domain: String,
+) -> (
+    impl tokio_stream::Stream<Item = Result<PeerStream, std::io::Error>>,
+    tokio::task::JoinHandle<()>,
+) {
     let (tx, rx) = tokio::sync::mpsc::channel(256);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     let trust_domain: Arc<str> = trust_domain.into();
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let task = tokio::spawn(async move {
+        let mut last_warn: Option<std::time::Instant> = None;
+        let mut refused: u64 = 0;
+        let warn_due = |last: &mut Option<std::time::Instant>| {
+            let due = last.is_none_or(|t| t.elapsed() >= std::time::Duration::from_secs(1));
+            if due {
+                *last = Some(std::time::Instant::now());
+            }
+            due
+        };
         loop {
             let (tcp, addr) = match listener.accept().await {
                 Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                Err(e) if out_of_resources(&e) => {
+                    if warn_due(&mut last_warn) {
+                        tracing::warn!(error = %e, max_connections = limits.max_connections, "accept failed: out of file descriptors; pausing briefly (raise LimitNOFILE or lower max_connections)");
+                    }
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
                     continue;
                 }
+                Err(e) => {
+                    // ECONNABORTED and the like concern one connection only.
+                    tracing::debug!(error = %e, "accept failed");
+                    continue;
+                }
+            };
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                refused += 1;
+                drop(tcp);
+                if warn_due(&mut last_warn) {
+                    tracing::warn!(peer = %addr, max_connections = limits.max_connections, refused_so_far = refused, "connection limit reached; closing new connections at once");
+                }
+                continue;
             };
             let _ = tcp.set_nodelay(true);
             let (acceptor, tx, td) = (acceptor.clone(), tx.clone(), trust_domain.clone());
             tokio::spawn(async move {
-                match tokio::time::timeout(handshake, acceptor.accept(tcp)).await {
+                match tokio::time::timeout(limits.handshake, acceptor.accept(tcp)).await {
                     Ok(Ok(inner)) => {
-                        let peer = Peer::new(addr, inner.get_ref().1.peer_certificates(), &td);
-                        let _ = tx.send(PeerStream { inner, peer }).await;
+                        let watch = Arc::new(Watch::new(limits));
+                        let peer = Peer::watched(
+                            addr,
+                            inner.get_ref().1.peer_certificates(),
+                            &td,
+                            Some(watch),
+                        );
+                        let timer = Box::pin(tokio::time::sleep(limits.first_request));
+                        let _ = tx
+                            .send(PeerStream {
+                                inner,
+                                peer,
+                                timer,
+                                _slot: slot,
+                            })
+                            .await;
                     }
                     Ok(Err(e)) => tracing::warn!(peer = %addr, error = %e, "TLS handshake refused"),
                     Err(_) => tracing::debug!(peer = %addr, "TLS handshake timed out"),

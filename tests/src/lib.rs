@@ -53,10 +53,12 @@ pub fn run_ok(cmd: &mut Command) -> String {
     text
 }
 
-/// A test directory with a dev PKI (nodes n1, n2, n3; admin ops).
+/// A test directory with a dev PKI (nodes n1, n2, n3; admin ops; recovery officer).
 pub struct Env {
     /// Owns the temporary directory.
     pub dir: tempfile::TempDir,
+    /// Extra top-level TOML lines of the broker config (see [`Env::set_broker_extra`]).
+    broker_extra: std::sync::Mutex<String>,
 }
 
 impl Env {
@@ -66,7 +68,10 @@ impl Env {
             .prefix("nodecrypt-e2e")
             .tempdir()
             .expect("tempdir");
-        let env = Self { dir };
+        let env = Self {
+            dir,
+            broker_extra: std::sync::Mutex::new(String::new()),
+        };
         run_ok(
             Command::new(bin("nodecrypt-keybroker"))
                 .args(["pki", "init", "--dir"])
@@ -82,6 +87,8 @@ impl Env {
                     "n3",
                     "--admin",
                     "ops",
+                    "--recovery",
+                    "officer",
                 ]),
         );
         env
@@ -116,14 +123,25 @@ impl Env {
         self.broker_config_on("127.0.0.1:0")
     }
 
+    /// Top-level TOML lines (e.g. `max_connections = 10`) added to every broker config
+    /// written from now on.
+    pub fn set_broker_extra(&self, toml: &str) {
+        *self.broker_extra.lock().unwrap_or_else(|p| p.into_inner()) = toml.to_string();
+    }
+
     /// Writes the broker config listening on `listen` and returns its path.
     pub fn broker_config_on(&self, listen: &str) -> PathBuf {
         let path = self.path().join("broker.toml");
         let t = self.tls_files("broker");
+        let extra = self
+            .broker_extra
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         fs::write(
             &path,
             format!(
-                "listen = \"{listen}\"\ntrust_domain = \"{TRUST_DOMAIN}\"\nstate_dir = \"{}\"\n\n[tls]\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n",
+                "listen = \"{listen}\"\ntrust_domain = \"{TRUST_DOMAIN}\"\nstate_dir = \"{}\"\n{extra}\n\n[tls]\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n",
                 self.state().display(),
                 t.cert.display(),
                 t.key.display(),
@@ -601,23 +619,96 @@ impl Drop for LoopDev {
     }
 }
 
-/// The broker's key of `volume_id` (version 0 = current), fetched with the admin identity.
-pub fn admin_key(env: &Env, broker: &Broker, volume_id: &str, version: u64) -> Vec<u8> {
+/// The broker's key of `volume_id` (version 0 = current), fetched as the node the volume
+/// is bound to (admins manage volumes and never read keys): the admin identity describes
+/// the volume to learn its node, then that node's identity fetches the key.
+pub fn node_key(env: &Env, broker: &Broker, volume_id: &str, version: u64) -> Vec<u8> {
+    use nodecrypt_proto::keybroker::v1 as pb;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("runtime");
     rt.block_on(async {
-        let mut c = env.client(broker, "admin-ops");
-        c.get_volume_key(nodecrypt_proto::keybroker::v1::GetVolumeKeyRequest {
-            volume_id: volume_id.to_string(),
-            version,
-        })
-        .await
-        .expect("admin GetVolumeKey")
-        .into_inner()
-        .key
+        let node = env
+            .client(broker, "admin-ops")
+            .describe_volume(pb::DescribeVolumeRequest {
+                volume_id: volume_id.to_string(),
+            })
+            .await
+            .expect("admin DescribeVolume")
+            .into_inner()
+            .node_id;
+        env.client(broker, &format!("node-{node}"))
+            .get_volume_key(pb::GetVolumeKeyRequest {
+                volume_id: volume_id.to_string(),
+                version,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("node {node} GetVolumeKey {volume_id}: {e}"))
+            .into_inner()
+            .key
     })
+}
+
+/// A small ext4 filesystem in a file, attached to a loop device and mounted at
+/// `mountpoint`; unmounted and detached on drop. Lets a test fill a filesystem.
+pub struct SmallFs {
+    /// The mount point.
+    pub mountpoint: PathBuf,
+    loop_dev: Option<LoopDev>,
+}
+
+impl SmallFs {
+    /// Makes a `mib`-MiB ext4 (no reserved blocks) in `image` and mounts it at
+    /// `mountpoint` (created if missing).
+    pub fn new(image: &Path, mountpoint: &Path, mib: u64) -> SmallFs {
+        sparse_file(image, mib);
+        run_ok(
+            Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-m", "0"])
+                .arg(image),
+        );
+        let dev = LoopDev::attach(image);
+        fs::create_dir_all(mountpoint).expect("mount point");
+        run_ok(Command::new("mount").arg(&dev.path).arg(mountpoint));
+        SmallFs {
+            mountpoint: mountpoint.to_path_buf(),
+            loop_dev: Some(dev),
+        }
+    }
+
+    /// Writes `path` until the filesystem is full (ENOSPC); returns the bytes written.
+    pub fn fill(&self, path: &Path) -> u64 {
+        use std::io::Write;
+        let mut f = fs::File::create(path).expect("create filler");
+        let chunk = vec![0xa5u8; 64 << 10];
+        let mut written = 0u64;
+        loop {
+            match f.write(&chunk) {
+                Ok(0) => break,
+                Ok(n) => written += n as u64,
+                Err(e) if e.raw_os_error() == Some(nix::libc::ENOSPC) => break,
+                Err(e) => panic!("fill {}: {e}", path.display()),
+            }
+        }
+        // Smaller writes take the last partial blocks too.
+        let small = [0x5au8; 512];
+        while let Ok(n) = f.write(&small) {
+            if n == 0 {
+                break;
+            }
+            written += n as u64;
+        }
+        let _ = f.sync_all();
+        written
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.mountpoint).status();
+        drop(self.loop_dev.take());
+    }
 }
 
 /// Whether the real `cryptsetup open --test-passphrase` accepts `key` for `dev` (the key

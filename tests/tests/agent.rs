@@ -105,7 +105,7 @@ fn format_file_and_loop_volumes_that_cryptsetup_opens() {
         assert_eq!(t["key_version"], 1);
         assert_eq!(t["keyslots"], serde_json::json!(["0"]));
         assert_eq!(meta["keyslots"].as_object().unwrap().len(), 1);
-        let key = admin_key(&env, &broker, id, 0);
+        let key = node_key(&env, &broker, id, 0);
         assert_eq!(key.len(), 64);
         assert!(
             cryptsetup_opens(&env, &dev, &key),

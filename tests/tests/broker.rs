@@ -970,3 +970,170 @@ async fn the_broker_locks_its_memory_or_says_why_not_and_serves_either_way() {
         "no warning: {log}"
     );
 }
+
+/// The audit lines of `rpc` by `peer` (SPIFFE id) with `result`.
+fn audit_lines<'a>(audit: &'a str, rpc: &str, peer: &str, result: &str) -> Vec<&'a str> {
+    audit
+        .lines()
+        .filter(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["rpc"] == rpc && v["peer"] == peer && v["result"] == result
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admins_manage_nodes_read_and_recovery_reads_are_opt_in() {
+    let td = nodecrypt_tests::TRUST_DOMAIN;
+    let (admin_id, officer_id) = (
+        format!("spiffe://{td}/admin/ops"),
+        format!("spiffe://{td}/recovery/officer"),
+    );
+    let env = Env::new();
+    let broker = env.start_broker();
+    let mut n1 = env.client(&broker, "node-n1");
+    let mut admin = env.client(&broker, "admin-ops");
+    let mut officer = env.client(&broker, "recovery-officer");
+
+    // An admin creates for a node and rotates, and is never handed key bytes.
+    let made = admin
+        .create_volume_key(pb::CreateVolumeKeyRequest {
+            volume_id: "vol-m".into(),
+            node_id: "n1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (made.version, made.key.len()),
+        (1, 0),
+        "admin got key bytes"
+    );
+    let again = admin
+        .create_volume_key(pb::CreateVolumeKeyRequest {
+            volume_id: "vol-m".into(),
+            node_id: "n1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        again.key.is_empty(),
+        "admin got key bytes of an existing volume"
+    );
+    let k1 = n1
+        .get_volume_key(get("vol-m", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((k1.version, k1.key.len()), (1, 64));
+    let rotated = admin
+        .rotate_volume_key(pb::RotateVolumeKeyRequest {
+            volume_id: "vol-m".into(),
+            expected_current_version: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (rotated.version, rotated.key.len()),
+        (2, 0),
+        "admin got key bytes"
+    );
+    let k2 = n1
+        .get_volume_key(get("vol-m", 2))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_other_key("rotation", &k1.key, &k2.key);
+
+    // An admin's GetVolumeKey: PERMISSION_DENIED, for any version.
+    for v in [0, 1, 2] {
+        let e = admin.get_volume_key(get("vol-m", v)).await.unwrap_err();
+        assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+        assert!(e.message().contains("never read"), "{e:?}");
+    }
+    // Still managed by the admin: describe, list, rebind.
+    admin
+        .describe_volume(pb::DescribeVolumeRequest {
+            volume_id: "vol-m".into(),
+        })
+        .await
+        .unwrap();
+
+    // Recovery, disabled by default: refused, and audited as a recovery read.
+    let e = officer.get_volume_key(get("vol-m", 0)).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(e.message().contains("allow_recovery_reads"), "{e:?}");
+    drop((n1, admin, officer));
+    broker.stop();
+    let audit = fs::read_to_string(env.state().join("audit.log")).unwrap();
+    assert_eq!(
+        audit_lines(&audit, "GetVolumeKey", &admin_id, "PERMISSION_DENIED").len(),
+        3,
+        "every refused admin read is audited"
+    );
+    assert_eq!(
+        audit_lines(
+            &audit,
+            "GetVolumeKey:RECOVERY_READ",
+            &officer_id,
+            "PERMISSION_DENIED"
+        )
+        .len(),
+        1
+    );
+
+    // Enabled: served, audited as a recovery read, and logged at WARN.
+    env.set_broker_extra("allow_recovery_reads = true");
+    let broker = env.start_broker();
+    let mut officer = env.client(&broker, "recovery-officer");
+    let got = officer
+        .get_volume_key(get("vol-m", 2))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_same_key("recovery read", &got.key, &k2.key);
+    // Reads only: a recovery identity changes nothing.
+    let e = officer
+        .destroy_volume_key(pb::DestroyVolumeKeyRequest {
+            volume_id: "vol-m".into(),
+            reason: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    // An admin still reads nothing with recovery reads enabled.
+    let e = env
+        .client(&broker, "admin-ops")
+        .get_volume_key(get("vol-m", 0))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    drop(officer);
+    let log_path = broker.log.clone();
+    broker.stop();
+    let audit = fs::read_to_string(env.state().join("audit.log")).unwrap();
+    let served = audit_lines(&audit, "GetVolumeKey:RECOVERY_READ", &officer_id, "OK");
+    assert_eq!(served.len(), 1, "{audit}");
+    assert!(served[0].contains("break-glass"), "{}", served[0]);
+    let log = fs::read_to_string(&log_path).unwrap();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("BREAK-GLASS") && l.contains("\"WARN\"")),
+        "no WARN line for the recovery read"
+    );
+    assert_no_key_material(
+        "logs",
+        format!("{log}{audit}").as_bytes(),
+        &[k1.key.clone(), k2.key.clone()],
+    );
+    let out = run_ok(
+        Command::new(bin("nodecrypt-keybroker"))
+            .args(["audit", "verify", "--log"])
+            .arg(env.state().join("audit.log")),
+    );
+    assert!(out.contains("hash chain intact"), "{out}");
+}

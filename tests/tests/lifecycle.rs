@@ -111,7 +111,7 @@ fn a_crash_at_every_step_then_a_rerun_completes() {
         assert_eq!(info["current_version"], 1, "{point}: {info}");
         assert_eq!(active_versions(&info), vec![1], "{point}: {info}");
         assert!(
-            cryptsetup_opens(&env, &img, &admin_key(&env, &broker, &id, 1)),
+            cryptsetup_opens(&env, &img, &node_key(&env, &broker, &id, 1)),
             "{point}"
         );
     }
@@ -144,7 +144,7 @@ fn a_crash_at_every_step_then_a_rerun_completes() {
             f.write_all(&data).unwrap();
         }
         let digest_before = luks_json(&img).unwrap()["digests"]["0"]["digest"].clone();
-        let key1 = admin_key(&env, &broker, &id, 1);
+        let key1 = node_key(&env, &broker, &id, 1);
         crash_at(&env, &broker, files, point, &["rotate", "--volume-id", &id]);
         let agent = env.start_agent(&broker.addr, &fp_opts(None, files));
         let v = agent
@@ -171,7 +171,7 @@ fn a_crash_at_every_step_then_a_rerun_completes() {
             "{point}: orphaned version: {info}"
         );
         assert!(
-            cryptsetup_opens(&env, &img, &admin_key(&env, &broker, &id, 2)),
+            cryptsetup_opens(&env, &img, &node_key(&env, &broker, &id, 2)),
             "{point}"
         );
         assert!(
@@ -207,7 +207,7 @@ fn a_crash_at_every_step_then_a_rerun_completes() {
                 .cli(&["format", img.to_str().unwrap(), "--volume-id", &id])
                 .ok();
         }
-        let key = admin_key(&env, &broker, &id, 1);
+        let key = node_key(&env, &broker, &id, 1);
         crash_at(
             &env,
             &broker,
@@ -250,7 +250,7 @@ fn erase_destroys_everything_and_remote_erase_kills_a_copied_disk() {
     agent
         .cli(&["format", img.to_str().unwrap(), "--volume-id", "vol-a"])
         .ok();
-    let key = admin_key(&env, &broker, "vol-a", 0);
+    let key = node_key(&env, &broker, "vol-a", 0);
     let out = agent.cli(&["erase", "--volume-id", "vol-a"]);
     assert_eq!(out.code, 2, "erase without --yes: {out:?}");
     assert!(

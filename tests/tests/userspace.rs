@@ -113,7 +113,7 @@ fn ext4_round_trip_open_twice_and_close_in_use() {
         }
     }
     agent.cli(&["close", "--volume-id", "vol-u"]).ok();
-    let key = admin_key(&env, &broker, "vol-u", 0);
+    let key = node_key(&env, &broker, "vol-u", 0);
     assert_no_key_material("agent log", &agent.logs(), &[key]);
 }
 
@@ -178,7 +178,7 @@ fn device_bytes_are_exactly_what_the_engine_writes() {
             .args(["luksDump", "--dump-json-metadata"])
             .arg(&img),
     );
-    let vk = volume_key(&env, &img, &admin_key(&env, &broker, "vol-k", 0));
+    let vk = volume_key(&env, &img, &node_key(&env, &broker, "vol-k", 0));
     let meta: serde_json::Value = serde_json::from_str(&json).unwrap();
     let seg = &meta["segments"]["0"];
     let offset: u64 = seg["offset"].as_str().unwrap().parse().unwrap();

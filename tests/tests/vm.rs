@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use harness::{ext4_image, ext4_read_dir, pattern, raw_disk, sha256_hex, Console, Vm};
 use nodecrypt_tests::{
-    admin_key, assert_no_key_material, bin, run_ok, AgentOpts, Env, TRUST_DOMAIN,
+    assert_no_key_material, bin, node_key, run_ok, AgentOpts, Env, TRUST_DOMAIN,
 };
 
 /// The broker's fixed address inside a guest (its own loopback).
@@ -180,7 +180,7 @@ fn dm_crypt_matches_userspace_engine_both_ways() {
         );
         let seg = luks::segment(&img);
         assert_eq!(seg.sector_size, sector, "{id}: data segment sector size");
-        let slot_key = admin_key(&env, &broker, id, 1);
+        let slot_key = node_key(&env, &broker, id, 1);
         let vk = luks::volume_key(&img, &slot_key, tmp);
         let plain = luks::read_plain(&img, seg, &vk, 0, PATTERN_LEN);
         let want = pattern(&format!("guest-{id}"), PATTERN_LEN);

@@ -76,6 +76,10 @@ fn main() -> ExitCode {
     }
 }
 
+/// Connections the agent's TCP (mTLS) listener holds at once; more are closed right
+/// after `accept` (its only client is the cluster manager).
+const TCP_MAX_CONNECTIONS: usize = 256;
+
 fn bind_socket(path: &Path) -> anyhow::Result<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
@@ -133,14 +137,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("listen on {}", t.listen))?;
         tcp_addr = Some(listener.local_addr()?.to_string());
-        let (incoming, accept) = tls::incoming(
-            listener,
-            server_cfg,
-            Duration::from_secs(5),
-            t.trust_domain.clone(),
-        );
+        // Only the cluster manager calls here: a few connections, each bounded like the
+        // broker's (nodecrypt_keybroker::conn).
+        let limits = nodecrypt_keybroker::conn::Limits {
+            handshake: Duration::from_secs(5),
+            first_request: Duration::from_secs(10),
+            idle: Duration::from_secs(300),
+            max_connections: TCP_MAX_CONNECTIONS,
+        };
+        let (incoming, accept) =
+            tls::incoming_with(listener, server_cfg, limits, t.trust_domain.clone());
         let svc = AgentServer::new(Service::new(agent.clone(), Gate::Admin));
         let router = Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(20)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .layer(nodecrypt_keybroker::conn::GrpcContractLayer)
             .add_service(health_svc.clone())
             .add_service(reflection()?)
             .add_service(svc);

@@ -94,6 +94,18 @@ pub enum StoreError {
     /// The backend failed.
     #[error("key store: {0}")]
     Backend(String),
+    /// The store's file could not be read or written (e.g. its filesystem is full). The
+    /// store recovers by itself once the cause is gone (it reopens its file); nothing
+    /// was served from a half-written state.
+    #[error("key broker store: {what} on {path}; {hint}")]
+    Io {
+        /// The store file.
+        path: String,
+        /// What failed ("no space left on device").
+        what: String,
+        /// What to do.
+        hint: &'static str,
+    },
 }
 
 /// Persistent storage of volume records with compare-and-swap.

@@ -8,11 +8,21 @@
 //! plaintext) that every committed put updates: redb locks the file to one process, so
 //! this process sees every write. A key fetch then costs no blocking-pool hop, no read
 //! transaction and no JSON decode.
+//!
+//! After an I/O error (a full filesystem, most often) redb refuses every later
+//! transaction until the database is reopened. So the store marks itself broken, and
+//! the next call reopens the file (redb repairs it to its last committed state), drops
+//! the read cache (a commit that failed part way may or may not have reached the disk)
+//! and goes on; while the cause persists, each call is refused with
+//! [`StoreError::Io`], naming it, and at most one reopen is tried per
+//! [`REOPEN_INTERVAL`].
 
 use std::collections::HashMap;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
@@ -25,16 +35,170 @@ const META: TableDefinition<&str, &str> = TableDefinition::new("meta");
 /// The store file name inside the state directory.
 pub const STORE_FILE: &str = "keys.redb";
 
+/// After a failed reopen, calls within this interval are refused without trying again.
+pub const REOPEN_INTERVAL: Duration = Duration::from_millis(250);
+
+type Cache = HashMap<String, (Revision, Arc<VolumeRecord>)>;
+
 /// redb-backed store.
 pub struct RedbStore {
-    // The write lock is taken only to compact the file (scrub); every transaction holds a
-    // read lock, so compaction never races a transaction.
-    db: Arc<RwLock<Database>>,
-    cache: RwLock<HashMap<String, (Revision, Arc<VolumeRecord>)>>,
+    // The write lock is taken only to compact the file (scrub) and to reopen it after an
+    // I/O error; every transaction holds a read lock, so neither races a transaction.
+    // `None` only while a reopen is under way (or failed).
+    db: Arc<RwLock<Option<Database>>>,
+    shared: Arc<Shared>,
 }
 
-fn backend<E: std::fmt::Display>(e: E) -> StoreError {
-    StoreError::Backend(e.to_string())
+/// What the blocking closures need besides the database.
+struct Shared {
+    path: PathBuf,
+    cache: RwLock<Cache>,
+    /// Bumped at every reopen: a read that started before it caches nothing.
+    epoch: AtomicU64,
+    /// An I/O error happened; the next call reopens.
+    broken: AtomicBool,
+    /// The last failed reopen: when, and why.
+    last_reopen: Mutex<Option<(Instant, StoreError)>>,
+}
+
+/// A redb error as a [`StoreError`]; I/O errors (and redb's "a previous I/O error
+/// occurred") become [`Failure::Io`] so that the store reopens.
+enum Failure {
+    Io(std::io::Error),
+    Other(StoreError),
+}
+
+impl From<StoreError> for Failure {
+    fn from(e: StoreError) -> Self {
+        Failure::Other(e)
+    }
+}
+
+fn backend<E: Into<redb::Error>>(e: E) -> Failure {
+    match e.into() {
+        redb::Error::Io(io) => Failure::Io(io),
+        redb::Error::PreviousIo => Failure::Io(std::io::Error::other(
+            "an earlier write failed and the store must be reopened",
+        )),
+        e => Failure::Other(StoreError::Backend(e.to_string())),
+    }
+}
+
+fn other(what: impl std::fmt::Display) -> Failure {
+    Failure::Other(StoreError::Backend(what.to_string()))
+}
+
+impl Shared {
+    fn io_error(&self, e: &std::io::Error) -> StoreError {
+        let path = self.path.display().to_string();
+        if e.raw_os_error() == Some(nix::errno::Errno::ENOSPC as i32)
+            || e.kind() == std::io::ErrorKind::StorageFull
+        {
+            StoreError::Io {
+                path,
+                what: "no space left on device".into(),
+                hint: "free space on the broker's state filesystem (the broker recovers by \
+                       itself once there is room, no restart needed)",
+            }
+        } else {
+            StoreError::Io {
+                path,
+                what: format!("I/O error: {e}"),
+                hint: "check the broker's state filesystem and its kernel log (the broker \
+                       reopens its store on the next call)",
+            }
+        }
+    }
+
+    /// Turns a failure into the caller's error, marking the store broken on I/O errors.
+    fn fail(&self, f: Failure) -> StoreError {
+        match f {
+            Failure::Other(e) => e,
+            Failure::Io(e) => {
+                if !self.broken.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(store = %self.path.display(), error = %e, "key store I/O error; it is reopened on the next call");
+                }
+                self.io_error(&e)
+            }
+        }
+    }
+}
+
+fn open_db(path: &Path) -> Result<Database, Failure> {
+    let db = Database::create(path).map_err(|e| match backend(e) {
+        Failure::Other(StoreError::Backend(m)) => {
+            Failure::Other(StoreError::Backend(format!("{}: {m}", path.display())))
+        }
+        f => f,
+    })?;
+    let w = db.begin_write().map_err(backend)?;
+    {
+        w.open_table(VOLUMES).map_err(backend)?;
+        w.open_table(REVISIONS).map_err(backend)?;
+        w.open_table(META).map_err(backend)?;
+    }
+    w.commit().map_err(backend)?;
+    Ok(db)
+}
+
+/// Reopens the database if an I/O error broke it (at most once per
+/// [`REOPEN_INTERVAL`] while that keeps failing); drops the read cache when it does.
+fn recover(db: &RwLock<Option<Database>>, shared: &Shared) -> Result<(), StoreError> {
+    if !shared.broken.load(Ordering::Acquire) {
+        return Ok(());
+    }
+    let mut last = shared.last_reopen.lock().unwrap_or_else(|p| p.into_inner());
+    if !shared.broken.load(Ordering::Acquire) {
+        return Ok(()); // another call reopened it meanwhile
+    }
+    if let Some((at, why)) = last.as_ref() {
+        if at.elapsed() < REOPEN_INTERVAL {
+            return Err(match why {
+                StoreError::Io { path, what, hint } => StoreError::Io {
+                    path: path.clone(),
+                    what: what.clone(),
+                    hint,
+                },
+                e => StoreError::Backend(e.to_string()),
+            });
+        }
+    }
+    let mut guard = db
+        .write()
+        .map_err(|_| StoreError::Backend("store lock poisoned".into()))?;
+    // redb locks its file: the old handle must be gone before the new one opens it.
+    drop(guard.take());
+    shared.epoch.fetch_add(1, Ordering::AcqRel);
+    shared
+        .cache
+        .write()
+        .unwrap_or_else(|p| p.into_inner())
+        .clear();
+    match open_db(&shared.path) {
+        Ok(new) => {
+            *guard = Some(new);
+            shared.broken.store(false, Ordering::Release);
+            *last = None;
+            tracing::info!(store = %shared.path.display(), "key store reopened after an I/O error; read cache rebuilt from disk");
+            Ok(())
+        }
+        Err(f) => {
+            let e = match f {
+                Failure::Io(e) => shared.io_error(&e),
+                Failure::Other(e) => e,
+            };
+            let copy = match &e {
+                StoreError::Io { path, what, hint } => StoreError::Io {
+                    path: path.clone(),
+                    what: what.clone(),
+                    hint,
+                },
+                e => StoreError::Backend(e.to_string()),
+            };
+            *last = Some((Instant::now(), copy));
+            Err(e)
+        }
+    }
 }
 
 impl RedbStore {
@@ -49,51 +213,71 @@ impl RedbStore {
             .mode(0o600)
             .open(path)
             .map_err(|e| StoreError::Backend(format!("{}: {e}", path.display())))?;
-        let db = Database::create(path)
-            .map_err(|e| StoreError::Backend(format!("{}: {e}", path.display())))?;
-        let w = db.begin_write().map_err(backend)?;
-        {
-            w.open_table(VOLUMES).map_err(backend)?;
-            w.open_table(REVISIONS).map_err(backend)?;
-            w.open_table(META).map_err(backend)?;
-        }
-        w.commit().map_err(backend)?;
-        Ok(Self {
-            db: Arc::new(RwLock::new(db)),
+        let shared = Arc::new(Shared {
+            path: path.to_path_buf(),
             cache: RwLock::new(HashMap::new()),
+            epoch: AtomicU64::new(0),
+            broken: AtomicBool::new(false),
+            last_reopen: Mutex::new(None),
+        });
+        let db = open_db(path).map_err(|f| match f {
+            Failure::Io(e) => shared.io_error(&e),
+            Failure::Other(e) => e,
+        })?;
+        Ok(Self {
+            db: Arc::new(RwLock::new(Some(db))),
+            shared,
         })
     }
 
+    /// Runs `f` on a blocking thread with the database (reopened first if an I/O error
+    /// broke it).
     async fn blocking<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&Database) -> Result<T, StoreError> + Send + 'static,
+        f: impl FnOnce(&Database) -> Result<T, Failure> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let db = self.db.clone();
+        let (db, shared) = (self.db.clone(), self.shared.clone());
         tokio::task::spawn_blocking(move || {
-            let guard = db.read().map_err(|_| backend("store lock poisoned"))?;
-            f(&guard)
+            recover(&db, &shared)?;
+            let guard = db
+                .read()
+                .map_err(|_| shared.fail(other("store lock poisoned")))?;
+            let Some(d) = guard.as_ref() else {
+                return Err(shared.fail(Failure::Io(std::io::Error::other(
+                    "the store is being reopened",
+                ))));
+            };
+            f(d).map_err(|e| shared.fail(e))
         })
         .await
-        .map_err(backend)?
+        .map_err(|e| StoreError::Backend(e.to_string()))?
     }
 }
 
 impl RedbStore {
     fn cached(&self, volume_id: &str) -> Option<(Revision, Arc<VolumeRecord>)> {
-        let cache = self.cache.read().unwrap_or_else(|p| p.into_inner());
+        let cache = self.shared.cache.read().unwrap_or_else(|p| p.into_inner());
         cache.get(volume_id).cloned()
     }
 
     /// Caches a committed record unless a newer revision is already cached (two puts
-    /// can finish in either order).
-    fn remember(&self, rev: Revision, record: Arc<VolumeRecord>) {
-        let mut cache = self.cache.write().unwrap_or_else(|p| p.into_inner());
+    /// can finish in either order), or the store was reopened since `epoch` (what was
+    /// read before a reopen is not known to be on disk).
+    fn remember(&self, epoch: u64, rev: Revision, record: Arc<VolumeRecord>) {
+        let mut cache = self.shared.cache.write().unwrap_or_else(|p| p.into_inner());
+        if self.shared.epoch.load(Ordering::Acquire) != epoch {
+            return;
+        }
         match cache.get(&record.volume_id) {
             Some((cached, _)) if *cached >= rev => {}
             _ => {
                 cache.insert(record.volume_id.clone(), (rev, record));
             }
         }
+    }
+
+    fn epoch(&self) -> u64 {
+        self.shared.epoch.load(Ordering::Acquire)
     }
 }
 
@@ -113,6 +297,7 @@ impl KeyStore for RedbStore {
         if let Some(hit) = self.cached(volume_id) {
             return Ok(Some(hit));
         }
+        let epoch = self.epoch();
         let id = volume_id.to_string();
         let found = self
             .blocking(move |db| {
@@ -130,7 +315,7 @@ impl KeyStore for RedbStore {
             })
             .await?;
         if let Some((rev, rec)) = &found {
-            self.remember(*rev, rec.clone());
+            self.remember(epoch, *rev, rec.clone());
         }
         Ok(found)
     }
@@ -140,8 +325,9 @@ impl KeyStore for RedbStore {
         record: &VolumeRecord,
         expected: Option<Revision>,
     ) -> Result<Revision, StoreError> {
-        let bytes = serde_json::to_vec(record).map_err(backend)?;
+        let bytes = serde_json::to_vec(record).map_err(|e| StoreError::Backend(e.to_string()))?;
         let id = record.volume_id.clone();
+        let epoch = self.epoch();
         let new_rev = self
             .blocking(move |db| {
                 let w = db.begin_write().map_err(backend)?;
@@ -156,7 +342,7 @@ impl KeyStore for RedbStore {
                         Some(e) => exists && current == Some(e),
                     };
                     if !matches {
-                        return Err(StoreError::Conflict(id));
+                        return Err(StoreError::Conflict(id).into());
                     }
                     new_rev = current.unwrap_or(0) + 1;
                     vols.insert(id.as_str(), bytes.as_slice())
@@ -167,7 +353,8 @@ impl KeyStore for RedbStore {
                 Ok(new_rev)
             })
             .await?;
-        self.remember(new_rev, Arc::new(record.clone()));
+        // A reopen during the put means its epoch is stale: not cached, read from disk.
+        self.remember(epoch, new_rev, Arc::new(record.clone()));
         Ok(new_rev)
     }
 
@@ -178,7 +365,7 @@ impl KeyStore for RedbStore {
             let mut out = Vec::new();
             for item in vols.iter().map_err(backend)? {
                 let (k, v) = item.map_err(backend)?;
-                out.push(decode(k.value(), v.value())?);
+                out.push(decode(k.value(), v.value()).map_err(Failure::Other)?);
             }
             Ok(out)
         })
@@ -212,23 +399,33 @@ impl KeyStore for RedbStore {
     }
 
     async fn scrub(&self) -> Result<(), StoreError> {
-        let db = self.db.clone();
+        let (db, shared) = (self.db.clone(), self.shared.clone());
         tokio::task::spawn_blocking(move || {
-            let mut guard = db.write().map_err(|_| backend("store lock poisoned"))?;
-            // Two empty commits release the pages the last real commit freed, then
-            // compaction moves live pages over them and truncates the file.
-            for _ in 0..2 {
-                guard
-                    .begin_write()
-                    .map_err(backend)?
-                    .commit()
-                    .map_err(backend)?;
-            }
-            while guard.compact().map_err(backend)? {}
-            Ok(())
+            recover(&db, &shared)?;
+            let mut guard = db
+                .write()
+                .map_err(|_| StoreError::Backend("store lock poisoned".into()))?;
+            let Some(d) = guard.as_mut() else {
+                return Err(shared.fail(Failure::Io(std::io::Error::other(
+                    "the store is being reopened",
+                ))));
+            };
+            let run = |d: &mut Database| -> Result<(), Failure> {
+                // Two empty commits release the pages the last real commit freed, then
+                // compaction moves live pages over them and truncates the file.
+                for _ in 0..2 {
+                    d.begin_write()
+                        .map_err(backend)?
+                        .commit()
+                        .map_err(backend)?;
+                }
+                while d.compact().map_err(backend)? {}
+                Ok(())
+            };
+            run(d).map_err(|f| shared.fail(f))
         })
         .await
-        .map_err(backend)?
+        .map_err(|e| StoreError::Backend(e.to_string()))?
     }
 }
 
@@ -263,7 +460,7 @@ mod tests {
             (r2, rec("n2").into())
         );
         // A put that finishes late with an older revision does not overwrite the cache.
-        store.remember(r1, rec("n1").into());
+        store.remember(store.epoch(), r1, rec("n1").into());
         assert_eq!(store.get("vol-c").await.unwrap().unwrap().1.node_id, "n2");
         // A stale CAS is refused and leaves the cache alone.
         assert!(store.put(&rec("n3"), Some(r1)).await.is_err());
