@@ -257,9 +257,11 @@ async fn run(cli: Cli) -> Result<(), (u8, String)> {
             return Err((2, "--threads must be in 1..=256".into()));
         }
         let rows = bench(seconds, threads);
+        let chosen = nodecrypt_xts::Backend::selection();
         if json_out {
-            println!("{}", json!({ "results": rows }));
+            println!("{}", json!({ "chosen": chosen, "results": rows }));
         } else {
+            println!("chosen backend: {chosen}");
             for r in rows {
                 println!(
                     "{:<9} sector {:>4}  {:<7}  {} thread(s)  {:>6.2} GB/s",
