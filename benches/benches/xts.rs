@@ -605,7 +605,7 @@ fn report(
         .iter()
         .filter_map(|c| one_abs(&k(0, 1, "aes", c)))
         .fold(0.0, f64::max);
-    let floor = one_abs(&k(0, 1, "xor", "floor"));
+    let floor = one_abs(&k(0, 1, "read-xor-write", "floor"));
     let in_cache = one_abs(&k(0, 1, "4096 enc", "chosen, 1 MiB"));
     let mut goals = Vec::new();
     let mut goal = |name: String, value: Option<f64>, want: f64| {
