@@ -323,6 +323,10 @@ fn vaes512_sector<const DEC: bool>(rk: &[__m512i; ROUND_KEYS], sector: &mut [u8]
         // The last group's tweaks are not advanced: nothing follows them.
         let more = g + 1 < groups;
         let p: *mut __m512i = group.as_mut_ptr().cast();
+        for8!(I, K => {
+            // Prefetch 4 groups ahead (a hint: any address is allowed).
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(4 * VECS + I).cast());
+        });
         let mut b = [_mm512_setzero_si512(); VECS];
         for8!(I, K => {
             // SAFETY: `group` is 64·VECS bytes, register `I` lies inside it; `loadu` has
