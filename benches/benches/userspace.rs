@@ -7,7 +7,7 @@
 //! random 512-bit key: the header plays no part in the data path.
 //!
 //! `cargo bench -p nodecrypt-benches --bench userspace`; `NODECRYPT_BENCH_MIB` sets the
-//! volume size (default 256), `NODECRYPT_BENCH_ROUNDS` the rounds (default 3): XTS and
+//! volume size (default 256), `NODECRYPT_BENCH_ROUNDS` the rounds (default 5): XTS and
 //! passthrough alternate round by round, each on a fresh mapping; the figures are the
 //! median with min and max, the ratio is taken per round.
 //! Results: stdout and `target/bench/userspace.json`.
@@ -125,7 +125,7 @@ fn main() {
         "the userspace bench needs root"
     );
     let mib = env_u64("NODECRYPT_BENCH_MIB", 256);
-    let rounds = env_u64("NODECRYPT_BENCH_ROUNDS", 3).max(1);
+    let rounds = env_u64("NODECRYPT_BENCH_ROUNDS", 5).max(1);
     let tmp = tempfile::tempdir().unwrap();
     let geometry = Geometry {
         data_offset: HEADER,
