@@ -22,9 +22,12 @@ test: build
 	# A hard ceiling: a hung test fails the run instead of eating CI's time limit.
 	timeout --kill-after=60 3000 $(CARGO) test --workspace --no-fail-fast
 
-# Criterion benchmarks: XTS engine vs OpenSSL and xts-mode; broker throughput/latency.
+# Benchmarks: XTS engine vs Debian's and the newest OpenSSL (built from source once, in
+# benches/openssl-new's own target dir: a few minutes the first time) and xts-mode;
+# broker throughput/latency; the userspace data path. See docs/benchmarks.md.
 bench: deps
 	$(CARGO) build --release --workspace --bins
+	$(CARGO) build --release --manifest-path benches/openssl-new/Cargo.toml
 	$(CARGO) bench -p nodecrypt-benches
 
 demo: deps

@@ -331,9 +331,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             return Err(Failure::new(2, "--threads must be in 1..=256"));
         }
         let rows = bench(seconds, threads);
+        let chosen = nodecrypt_xts::Backend::selection();
         if json_out {
-            println!("{}", json!({ "results": rows }));
+            println!("{}", json!({ "chosen": chosen, "results": rows }));
         } else {
+            println!("chosen backend: {chosen}");
             for r in rows {
                 println!(
                     "{:<9} sector {:>4}  {:<7}  {} thread(s)  {:>6.2} GB/s",

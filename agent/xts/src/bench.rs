@@ -55,7 +55,7 @@ pub struct BenchResult {
 /// Measures every supported backend, sector sizes 512 and 4096, both directions, for
 /// about `seconds` each (at least one pass over a [`BENCH_BUFFER`]-byte buffer), with
 /// up to `threads` threads per request (0 means 1). Uses a fixed, non-secret key.
-/// Takes about `12 · seconds` on a CPU with all three backends.
+/// Takes about `16 · seconds` on a CPU with all four backends.
 pub fn bench(seconds: f64, threads: usize) -> Vec<BenchResult> {
     let budget = if seconds.is_finite() && seconds > 0.0 {
         Duration::from_secs_f64(seconds.min(3600.0))

@@ -6,14 +6,16 @@
 //! (cryptsetup does not set `iv_large_sectors` for LUKS2), as a 128-bit little-endian
 //! number: a 4096-byte sector `k` has tweak `8·k`.
 //!
-//! The API is safe and backend-agnostic: [`Engine::new`] picks the fastest backend the
-//! CPU supports; [`Engine::with_backend`] forces one (tests, benchmarks). Backends:
+//! The API is safe and backend-agnostic: [`Engine::new`] picks a backend for the CPU by
+//! the rule of [`Backend::selection`]; [`Engine::with_backend`] forces one (tests,
+//! benchmarks). Backends:
 //!
 //! - [`Backend::Portable`]: RustCrypto `aes` + `xts-mode`, any CPU (the reference);
 //! - [`Backend::AesNi`]: AES-NI + PCLMULQDQ on 128-bit registers, 8 blocks in flight;
-//! - [`Backend::Vaes`]: VAES + VPCLMULQDQ on 256-bit registers (AVX2), 16 blocks in flight.
+//! - [`Backend::Vaes`]: VAES + VPCLMULQDQ on 256-bit registers (AVX2), 16 blocks in flight;
+//! - [`Backend::Vaes512`]: VAES + VPCLMULQDQ on 512-bit registers (AVX-512), 32 blocks.
 //!
-//! `unsafe` lives only in the two x86-64 backend modules.
+//! `unsafe` lives only in the three x86-64 backend modules.
 
 #![deny(unsafe_code)]
 
@@ -30,11 +32,16 @@ mod aesni;
 #[cfg(target_arch = "x86_64")]
 #[allow(unsafe_code)]
 mod vaes;
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+mod vaes512;
 
+mod select;
 #[cfg(test)]
 mod tests;
 
 pub use bench::{bench, BenchResult, Direction, BENCH_BUFFER};
+pub use select::Selection;
 
 /// Length of an XTS-AES-256 key: two AES-256 keys (data key, tweak key).
 pub const KEY_LEN: usize = 64;
@@ -55,8 +62,8 @@ pub const TWEAK_UNIT: u64 = 512;
 /// at 4 MiB and up to 1.98x at 64 MiB. 2 MiB is the smallest size that won in every run.
 pub const PARALLEL_MIN_BYTES: usize = 2 * 1024 * 1024;
 
-/// A backend of the engine. Every backend produces identical bytes. Ordered slowest
-/// first, like [`Backend::ALL`].
+/// A backend of the engine. Every backend produces identical bytes. Ordered by register
+/// width, like [`Backend::ALL`].
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
 )]
@@ -68,11 +75,19 @@ pub enum Backend {
     AesNi,
     /// VAES and VPCLMULQDQ on 256-bit registers with AVX2 (x86-64): 16 blocks interleaved.
     Vaes,
+    /// VAES and VPCLMULQDQ on 512-bit registers with AVX-512 F/BW/VL (x86-64): 32 blocks
+    /// interleaved.
+    Vaes512,
 }
 
 impl Backend {
-    /// Every backend, fastest last.
-    pub const ALL: [Backend; 3] = [Backend::Portable, Backend::AesNi, Backend::Vaes];
+    /// Every backend, narrowest registers first.
+    pub const ALL: [Backend; 4] = [
+        Backend::Portable,
+        Backend::AesNi,
+        Backend::Vaes,
+        Backend::Vaes512,
+    ];
 
     /// Whether this CPU can run the backend.
     pub fn is_supported(self) -> bool {
@@ -86,27 +101,30 @@ impl Backend {
             Backend::AesNi => aesni::supported(),
             #[cfg(target_arch = "x86_64")]
             Backend::Vaes => vaes::supported(),
+            #[cfg(target_arch = "x86_64")]
+            Backend::Vaes512 => vaes512::supported(),
             #[cfg(not(target_arch = "x86_64"))]
-            Backend::AesNi | Backend::Vaes => false,
+            Backend::AesNi | Backend::Vaes | Backend::Vaes512 => false,
         }
     }
 
-    /// The fastest backend this CPU supports.
+    /// The backend [`Engine::new`] uses on this CPU: [`Backend::selection`]'s choice.
     pub fn best() -> Backend {
-        Backend::ALL
-            .iter()
-            .rev()
-            .copied()
-            .find(|b| b.is_supported())
-            .unwrap_or(Backend::Portable)
+        Backend::selection().backend
     }
 
-    /// A short lowercase name (`portable`, `aesni`, `vaes`).
+    /// The backend for this CPU and why, by the rule in [`Selection`]'s documentation.
+    pub fn selection() -> Selection {
+        select::select()
+    }
+
+    /// A short lowercase name (`portable`, `aesni`, `vaes`, `vaes512`).
     pub fn name(self) -> &'static str {
         match self {
             Backend::Portable => "portable",
             Backend::AesNi => "aesni",
             Backend::Vaes => "vaes",
+            Backend::Vaes512 => "vaes512",
         }
     }
 }
@@ -155,6 +173,8 @@ enum Inner {
     AesNi(Box<aesni::Cipher>),
     #[cfg(target_arch = "x86_64")]
     Vaes(Box<vaes::Cipher>),
+    #[cfg(target_arch = "x86_64")]
+    Vaes512(Box<vaes512::Cipher>),
 }
 
 impl Inner {
@@ -168,8 +188,12 @@ impl Inner {
             }
             #[cfg(target_arch = "x86_64")]
             Backend::Vaes => Inner::Vaes(Box::new(vaes::Cipher::new(key).ok_or_else(unsupported)?)),
+            #[cfg(target_arch = "x86_64")]
+            Backend::Vaes512 => {
+                Inner::Vaes512(Box::new(vaes512::Cipher::new(key).ok_or_else(unsupported)?))
+            }
             #[cfg(not(target_arch = "x86_64"))]
-            Backend::AesNi | Backend::Vaes => return Err(unsupported()),
+            Backend::AesNi | Backend::Vaes | Backend::Vaes512 => return Err(unsupported()),
         })
     }
 
@@ -184,6 +208,8 @@ impl Inner {
             Inner::AesNi(c) => c.process(decrypt, buf, sector_size, first_tweak, step),
             #[cfg(target_arch = "x86_64")]
             Inner::Vaes(c) => c.process(decrypt, buf, sector_size, first_tweak, step),
+            #[cfg(target_arch = "x86_64")]
+            Inner::Vaes512(c) => c.process(decrypt, buf, sector_size, first_tweak, step),
         }
     }
 }
@@ -200,7 +226,8 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// An engine on the fastest backend this CPU supports, running on the calling thread.
+    /// An engine on the backend [`Backend::best`] picks for this CPU, running on the
+    /// calling thread.
     pub fn new(key: &[u8], sector_size: usize) -> Result<Self, Error> {
         Self::with_backend(key, sector_size, Backend::best())
     }

@@ -17,7 +17,7 @@ mod vectors;
 
 thread_local! {
     /// Backends a test pretends this CPU lacks (per test thread).
-    static HIDDEN: Cell<[bool; 3]> = const { Cell::new([false; 3]) };
+    static HIDDEN: Cell<[bool; 4]> = const { Cell::new([false; 4]) };
 }
 
 /// Whether the current test hid `backend` (see [`Backend::is_supported`]).
@@ -147,7 +147,7 @@ fn ieee1619_vectors_10_to_14_on_every_backend_and_both_peers() {
 
 #[test]
 fn this_cpu_runs_the_fast_backends() {
-    // The build machine has VAES; a CPU with the instructions must get the backends.
+    // A CPU with the instructions must get the backends.
     #[cfg(target_arch = "x86_64")]
     {
         let ni = is_x86_feature_detected!("aes") && is_x86_feature_detected!("pclmulqdq");
@@ -155,15 +155,69 @@ fn this_cpu_runs_the_fast_backends() {
         let wide = ni && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("vaes");
         let wide = wide && is_x86_feature_detected!("vpclmulqdq");
         assert_eq!(Backend::Vaes.is_supported(), wide);
-        if wide {
-            assert_eq!(Backend::best(), Backend::Vaes);
+        let zmm = wide
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512vl");
+        assert_eq!(Backend::Vaes512.is_supported(), zmm);
+        for b in Backend::ALL {
+            if !b.is_supported() {
+                eprintln!("WARNING: this CPU lacks the {b} backend; its tests only check refusal");
+            }
         }
     }
     assert!(Backend::Portable.is_supported());
+    let sel = Backend::selection();
+    assert!(sel.backend.is_supported(), "{sel}");
+    eprintln!("backend selection here: {sel}");
     let engine = Engine::new(&[7u8; KEY_LEN], 4096).unwrap();
     assert_eq!(engine.backend(), Backend::best());
     assert_eq!(engine.sector_size(), 4096);
     assert_eq!(engine.threads(), 1);
+}
+
+#[test]
+fn the_backend_rule_on_the_cpus_it_names() {
+    use crate::select::{choose, Cpu};
+    let all = |_: Backend| true;
+    let no_avx512 = |b: Backend| b != Backend::Vaes512;
+    let no_vaes = |b: Backend| b <= Backend::AesNi;
+    let none = |b: Backend| b == Backend::Portable;
+    fn cpu<'a>(
+        supported: &'a dyn Fn(Backend) -> bool,
+        vendor: &'a str,
+        family: u32,
+        model: u32,
+    ) -> Cpu<'a> {
+        Cpu {
+            supported,
+            vendor,
+            family,
+            model,
+        }
+    }
+    let table: [(Cpu<'_>, Backend); 10] = [
+        // AMD EPYC Zen 4 (Genoa), the build machine; Zen 5 (Turin).
+        (cpu(&all, "AuthenticAMD", 25, 0x11), Backend::Vaes512),
+        (cpu(&all, "AuthenticAMD", 26, 0x02), Backend::Vaes512),
+        // Zen 3: VAES, no AVX-512.
+        (cpu(&no_avx512, "AuthenticAMD", 25, 0x01), Backend::Vaes),
+        // Intel Emerald Rapids, Sapphire Rapids: zmm without downclocking.
+        (cpu(&all, "GenuineIntel", 6, 0xcf), Backend::Vaes512),
+        (cpu(&all, "GenuineIntel", 6, 0x8f), Backend::Vaes512),
+        // Ice Lake-SP and Tiger Lake downclock: ymm.
+        (cpu(&all, "GenuineIntel", 6, 0x6a), Backend::Vaes),
+        (cpu(&all, "GenuineIntel", 6, 0x8c), Backend::Vaes),
+        // Skylake-SP: AVX-512 but no VAES.
+        (cpu(&no_vaes, "GenuineIntel", 6, 0x55), Backend::AesNi),
+        (cpu(&no_vaes, "AuthenticAMD", 23, 0x31), Backend::AesNi),
+        (cpu(&none, "GenuineIntel", 6, 0x0f), Backend::Portable),
+    ];
+    for (c, want) in table {
+        let got = choose(c);
+        assert_eq!(got.backend, want, "{got}");
+        assert!(!got.reason.is_empty());
+    }
 }
 
 /// Sector counts and offsets (in sectors) for the cross-checks: small and odd counts,
@@ -194,6 +248,10 @@ fn cross_check(backend: Backend) {
     let (mut rng, seed) = rng();
     let mut key = random_key(&mut rng);
     if !backend.is_supported() {
+        eprintln!(
+            "WARNING: this CPU lacks the {backend} backend: its cross-checks did NOT run, \
+             only its refusal is checked"
+        );
         // On a CPU without it, the backend must refuse rather than misbehave.
         let e = Engine::with_backend(&key, 512, backend).err();
         assert_eq!(e, Some(Error::Unsupported(backend)));
@@ -240,6 +298,11 @@ fn aesni_matches_xts_mode_and_openssl() {
 #[test]
 fn vaes_matches_xts_mode_and_openssl() {
     cross_check(Backend::Vaes);
+}
+
+#[test]
+fn vaes512_matches_xts_mode_and_openssl() {
+    cross_check(Backend::Vaes512);
 }
 
 #[test]
@@ -411,8 +474,13 @@ fn bad_input_is_an_error_and_leaves_the_buffer_alone() {
 
 #[test]
 fn a_backend_the_cpu_lacks_is_refused() {
-    // This thread pretends the CPU lacks VAES, then AES-NI too.
+    // This thread pretends the CPU lacks AVX-512, then VAES, then AES-NI too.
     let key = [0x42u8; KEY_LEN];
+    hide(Backend::Vaes512);
+    assert!(!Backend::Vaes512.is_supported());
+    let e = Engine::with_backend(&key, 4096, Backend::Vaes512).err();
+    assert_eq!(e, Some(Error::Unsupported(Backend::Vaes512)));
+    assert_ne!(Backend::best(), Backend::Vaes512);
     hide(Backend::Vaes);
     assert!(!Backend::Vaes.is_supported());
     let e = Engine::with_backend(&key, 4096, Backend::Vaes).err();
