@@ -11,7 +11,7 @@ use clap::Parser;
 use nodecrypt_agent::config::Config;
 use nodecrypt_agent::service::{Gate, Service};
 use nodecrypt_agent::volume::Agent;
-use nodecrypt_keybroker::tls;
+use nodecrypt_common::tls;
 use nodecrypt_proto::agent::v1::agent_server::AgentServer;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::UnixListenerStream;
@@ -51,7 +51,7 @@ fn main() -> ExitCode {
     let args = Args::parse();
     init_tracing(&args.log_format);
     // No core dumps, no ptrace by non-root, no key page in swap.
-    nodecrypt_keybroker::process::harden();
+    nodecrypt_common::process::harden();
     nodecrypt_agent::luks::route_library_log();
     tls::install_default_provider();
     #[cfg(feature = "failpoints")]
@@ -138,8 +138,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .with_context(|| format!("listen on {}", t.listen))?;
         tcp_addr = Some(listener.local_addr()?.to_string());
         // Only the cluster manager calls here: a few connections, each bounded like the
-        // broker's (nodecrypt_keybroker::conn).
-        let limits = nodecrypt_keybroker::conn::Limits {
+        // broker's (nodecrypt_common::conn).
+        let limits = nodecrypt_common::conn::Limits {
             handshake: Duration::from_secs(5),
             first_request: Duration::from_secs(10),
             idle: Duration::from_secs(300),
@@ -151,7 +151,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let router = Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .layer(nodecrypt_keybroker::conn::GrpcContractLayer)
+            .layer(nodecrypt_common::conn::GrpcContractLayer)
             .add_service(health_svc.clone())
             .add_service(reflection()?)
             .add_service(svc);
