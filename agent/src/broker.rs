@@ -12,7 +12,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nodecrypt_keybroker::{client, tls};
+use nodecrypt_common::{client, tls};
 use nodecrypt_proto::keybroker::v1 as pb;
 use pb::key_broker_client::KeyBrokerClient;
 use tonic::transport::Channel;

@@ -99,25 +99,13 @@ fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
     humantime::parse_duration(&s).map_err(serde::de::Error::custom)
 }
 
-/// A config file that cannot be used.
-#[derive(Debug, thiserror::Error)]
-#[error("config {path}: {what}")]
-pub struct ConfigError {
-    /// The file.
-    pub path: PathBuf,
-    /// What is wrong.
-    pub what: String,
-}
+pub use nodecrypt_common::config::ConfigError;
 
 impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let err = |what: String| ConfigError {
-            path: path.to_path_buf(),
-            what,
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-        let cfg: Config = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+        let err = |what: String| ConfigError::new(path, what);
+        let cfg: Config = nodecrypt_common::config::load_toml(path)?;
         if !cfg.file_devices.is_empty() && !cfg.allow_file_devices {
             return Err(err(
                 "file_devices needs allow_file_devices = true".to_string()

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use nodecrypt_keybroker::tls::Peer;
+use nodecrypt_common::tls::Peer;
 use nodecrypt_proto::agent::v1 as pb;
 use pb::agent_server::Agent as AgentRpc;
 use tonic::transport::server::UdsConnectInfo;
@@ -27,7 +27,7 @@ pub enum Gate {
     /// Unix socket: the peer's uid must be 0.
     RootPeer,
     /// mTLS: the client certificate must carry an admin SPIFFE id of the trust domain the
-    /// listener was set up with ([`nodecrypt_keybroker::tls::incoming`]).
+    /// listener was set up with ([`nodecrypt_common::tls::incoming`]).
     Admin,
 }
 

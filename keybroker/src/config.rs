@@ -92,25 +92,13 @@ fn max_connections() -> usize {
     4096
 }
 
-/// A configuration that cannot be used.
-#[derive(Debug, thiserror::Error)]
-#[error("config {path}: {what}")]
-pub struct ConfigError {
-    /// The file.
-    pub path: PathBuf,
-    /// What is wrong.
-    pub what: String,
-}
+pub use nodecrypt_common::config::ConfigError;
 
 impl Config {
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let err = |what: String| ConfigError {
-            path: path.to_path_buf(),
-            what,
-        };
-        let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-        let cfg: Config = toml::from_str(&text).map_err(|e| err(e.to_string()))?;
+        let err = |what: String| ConfigError::new(path, what);
+        let cfg: Config = nodecrypt_common::config::load_toml(path)?;
         if cfg.audit_commit_delay_us > MAX_COMMIT_DELAY_US {
             return Err(err(format!(
                 "audit_commit_delay_us = {} is more than {MAX_COMMIT_DELAY_US} ({} ms): every \

@@ -1,22 +1,20 @@
 //! nodecrypt key broker: creates, wraps, stores, serves, rotates and destroys per-volume
 //! keys; authenticates callers by their mTLS certificate's SPIFFE id; audits every key
-//! operation. The agent reuses [`tls`], [`identity`] and [`client`] from here.
+//! operation. TLS, identity, the client, connection bounds and process hardening live in
+//! `nodecrypt-common` (re-exported here under their old paths), which the agent shares.
 #![forbid(unsafe_code)]
 
 pub mod audit;
 pub mod authz;
-pub mod client;
 pub mod config;
-pub mod conn;
-pub mod identity;
 pub mod pki;
-pub mod process;
 pub mod server;
 pub mod service;
 pub mod store;
-pub mod tls;
 pub mod validate;
 pub mod wrap;
+
+pub use nodecrypt_common::{client, conn, identity, process, tls};
 
 /// The current UTC time, RFC 3339 with microseconds.
 pub fn now_rfc3339() -> String {

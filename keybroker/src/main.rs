@@ -143,23 +143,10 @@ enum AdminCmd {
     },
 }
 
-fn init_tracing(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("NODECRYPT_LOG")
-        .unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 fn main() -> ExitCode {
     tls::install_default_provider();
     let cli = Cli::parse();
-    init_tracing(&cli.log_format);
+    nodecrypt_common::logging::init(&cli.log_format, &[]);
     // No core dumps and no ptrace by non-root, for every command; no key page in swap for
     // the ones that hold keys (serve: the KEK and unwrapped keys; init: the new KEK). The
     // others (an operator's admin CLI, pki, audit verify) hold none and stay quiet.

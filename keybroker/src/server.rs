@@ -19,6 +19,7 @@ use crate::store::redb::{RedbStore, STORE_FILE};
 use crate::store::{KeyStore, StoreError};
 use crate::tls::{self, TlsError};
 use crate::wrap::{Kek, WrapError};
+use nodecrypt_common::serve::Drain;
 
 /// Metadata key holding the id of the KEK the store was written with.
 pub const META_KEK_ID: &str = "kek_id";
@@ -175,12 +176,13 @@ impl Bound {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|e| ServeError::Io(e.to_string()))?;
-        let (drain_tx, mut drain_rx) = tokio::sync::watch::channel(false);
+        let drain = Drain::new();
+        let d = drain.clone();
         let signal = async move {
             shutdown.await;
             info!("shutting down: NOT_SERVING, draining in-flight calls");
             health.set_not_serving::<KeyBrokerServer<Broker>>().await;
-            let _ = drain_tx.send(true);
+            d.start();
         };
         let serve = Server::builder()
             .timeout(Duration::from_millis(cfg.request_timeout_ms))
@@ -193,23 +195,16 @@ impl Bound {
             .serve_with_incoming_shutdown(incoming, signal);
         // In-flight calls get DRAIN_LIMIT to finish; idle client connections that never
         // hang up do not hold the shutdown any longer than that.
-        let result = tokio::select! {
-            r = serve => r.map_err(|e| ServeError::Io(e.to_string())),
-            _ = async {
-                let _ = drain_rx.wait_for(|d| *d).await;
-                tokio::time::sleep(DRAIN_LIMIT).await;
-            } => {
-                tracing::warn!(limit = ?DRAIN_LIMIT, "drain limit reached; closing remaining connections");
-                Ok(())
-            }
+        let result = match drain.bounded(serve).await {
+            Some(r) => r.map_err(|e| ServeError::Io(e.to_string())),
+            None => Ok(()),
         };
         accept_loop.abort();
         result
     }
 }
 
-/// How long a graceful stop waits for in-flight calls and open connections.
-pub const DRAIN_LIMIT: Duration = Duration::from_secs(5);
+pub use nodecrypt_common::serve::DRAIN_LIMIT;
 
 /// Checks state, binds the listener; serve with [`Bound::serve`].
 pub async fn bind(cfg: Config) -> Result<Bound, ServeError> {

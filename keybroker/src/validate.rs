@@ -12,41 +12,20 @@ pub const MAX_LABEL_LEN: usize = 63;
 #[error("{0}")]
 pub struct Invalid(pub String);
 
-/// A DNS-label-like name: 1–63 bytes of `[a-z0-9-]`, not starting or ending with `-`.
+/// A DNS-label-like name: 1–63 bytes of `[a-z0-9-]`, not starting or ending with `-`
+/// (the one rule, [`nodecrypt_common::name::dns_label`]).
 pub fn name(s: &str) -> Result<(), Invalid> {
-    let ok_chars = s
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-    if s.is_empty() {
-        return Err(Invalid("is empty".into()));
-    }
-    if s.len() > 63 {
-        return Err(Invalid(format!(
-            "is {} bytes long; at most 63 are allowed",
-            s.len()
-        )));
-    }
-    if !ok_chars || s.starts_with('-') || s.ends_with('-') {
-        return Err(Invalid(
-            "must be lowercase letters, digits and '-', not starting or ending with '-'".into(),
-        ));
-    }
-    Ok(())
+    nodecrypt_common::name::dns_label(s).map_err(Invalid)
 }
 
-/// A bounded, printable quotation of untrusted input for error messages (which travel in
-/// HTTP/2 headers and logs): at most 64 characters, control characters escaped.
-pub fn quote(s: &str) -> String {
-    let mut q: String = s.chars().take(64).flat_map(char::escape_debug).collect();
-    if s.chars().count() > 64 {
-        q.push_str(&format!("… ({} bytes)", s.len()));
-    }
-    format!("\"{q}\"")
-}
+pub use nodecrypt_common::name::quote;
 
-/// A volume id: a DNS-label-like name, or a UUID (lowercase, hyphenated), which is one too.
+/// A volume id: a DNS-label-like name, or a UUID (lowercase, hyphenated), which is one
+/// too; the message is [`nodecrypt_common::VolumeId`]'s, the same as the agent's.
 pub fn volume_id(s: &str) -> Result<(), Invalid> {
-    name(s).map_err(|Invalid(why)| Invalid(format!("volume_id {} {why}", quote(s))))
+    nodecrypt_common::VolumeId::parse(s)
+        .map(|_| ())
+        .map_err(|e| Invalid(e.to_string()))
 }
 
 /// A node id: a DNS-label-like name.

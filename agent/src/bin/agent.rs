@@ -11,7 +11,8 @@ use clap::Parser;
 use nodecrypt_agent::config::Config;
 use nodecrypt_agent::service::{Gate, Service};
 use nodecrypt_agent::volume::Agent;
-use nodecrypt_keybroker::tls;
+use nodecrypt_common::serve::Drain;
+use nodecrypt_common::tls;
 use nodecrypt_proto::agent::v1::agent_server::AgentServer;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::UnixListenerStream;
@@ -30,28 +31,16 @@ struct Args {
     log_format: String,
 }
 
-fn init_tracing(format: &str) {
-    // The agent unmounts a userspace mapping itself (so a busy mount is refused and the
-    // mapping kept); fuser's session then finds it unmounted on drop and warns "Unmount
-    // failed" for every close. That one module's warnings are noise here.
-    let filter = tracing_subscriber::EnvFilter::try_from_env("NODECRYPT_LOG")
-        .unwrap_or_else(|_| "info".into())
-        .add_directive("fuser::mnt=error".parse().expect("a valid directive"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
+/// The agent unmounts a userspace mapping itself (so a busy mount is refused and the
+/// mapping kept); fuser's session then finds it unmounted on drop and warns "Unmount
+/// failed" for every close. That one module's warnings are noise here.
+const QUIET: &[&str] = &["fuser::mnt=error"];
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    init_tracing(&args.log_format);
+    nodecrypt_common::logging::init(&args.log_format, QUIET);
     // No core dumps, no ptrace by non-root, no key page in swap.
-    nodecrypt_keybroker::process::harden();
+    nodecrypt_common::process::harden();
     nodecrypt_agent::luks::route_library_log();
     tls::install_default_provider();
     #[cfg(feature = "failpoints")]
@@ -107,21 +96,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
     };
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let drain = Drain::new();
     let unix = bind_socket(&cfg.socket)?;
     let mut tasks = Vec::new();
     {
-        let mut rx = stop_rx.clone();
         let svc = AgentServer::new(Service::new(agent.clone(), Gate::RootPeer));
         let router = Server::builder()
             .add_service(health_svc.clone())
             .add_service(reflection()?)
             .add_service(svc);
+        let stop = drain.signal();
         tasks.push(tokio::spawn(async move {
             router
-                .serve_with_incoming_shutdown(UnixListenerStream::new(unix), async move {
-                    let _ = rx.wait_for(|s| *s).await;
-                })
+                .serve_with_incoming_shutdown(UnixListenerStream::new(unix), stop)
                 .await
         }));
     }
@@ -138,8 +125,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .with_context(|| format!("listen on {}", t.listen))?;
         tcp_addr = Some(listener.local_addr()?.to_string());
         // Only the cluster manager calls here: a few connections, each bounded like the
-        // broker's (nodecrypt_keybroker::conn).
-        let limits = nodecrypt_keybroker::conn::Limits {
+        // broker's (nodecrypt_common::conn).
+        let limits = nodecrypt_common::conn::Limits {
             handshake: Duration::from_secs(5),
             first_request: Duration::from_secs(10),
             idle: Duration::from_secs(300),
@@ -151,17 +138,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let router = Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(20)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .layer(nodecrypt_keybroker::conn::GrpcContractLayer)
+            .layer(nodecrypt_common::conn::GrpcContractLayer)
             .add_service(health_svc.clone())
             .add_service(reflection()?)
             .add_service(svc);
-        let mut rx = stop_rx.clone();
+        let stop = drain.signal();
         tasks.push(tokio::spawn(async move {
-            let r = router
-                .serve_with_incoming_shutdown(incoming, async move {
-                    let _ = rx.wait_for(|s| *s).await;
-                })
-                .await;
+            let r = router.serve_with_incoming_shutdown(incoming, stop).await;
             accept.abort();
             r
         }));
@@ -180,10 +163,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     health.set_not_serving::<AgentServer<Service>>().await;
-    let _ = stop_tx.send(true);
-    for t in tasks {
-        let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
-    }
+    drain.start();
+    drain
+        .bounded(async {
+            for t in tasks {
+                let _ = t.await;
+            }
+        })
+        .await;
     agent.shutdown();
     let _ = std::fs::remove_file(&cfg.socket);
     Ok(())

@@ -57,7 +57,7 @@ impl Agent {
 }
 
 fn cert_check(path: &Path) -> Check {
-    let (ok, detail) = match nodecrypt_keybroker::tls::load_certs(path) {
+    let (ok, detail) = match nodecrypt_common::tls::load_certs(path) {
         Ok(certs) if !certs.is_empty() => match x509_parser::parse_x509_certificate(&certs[0]) {
             Ok((_, cert)) => match cert.validity().time_to_expiration() {
                 Some(left) => (

@@ -11,7 +11,7 @@ use std::fmt;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::validate;
+use crate::name;
 
 /// Who is calling, as proven by its client certificate.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -97,7 +97,7 @@ pub fn parse_spiffe_id(id: &str, trust_domain: &str) -> Result<Identity, Identit
         .and_then(|r| r.strip_prefix('/'))
         .ok_or_else(unrecognized)?;
     let (kind, name) = rest.split_once('/').ok_or_else(unrecognized)?;
-    if validate::name(name).is_err() {
+    if name::dns_label(name).is_err() {
         return Err(unrecognized());
     }
     match kind {
