@@ -4,34 +4,11 @@
 
 use std::time::{Duration, Instant};
 
-use crate::{Backend, Engine, KEY_LEN};
+use crate::{Backend, Direction, Engine, KEY_LEN};
 
 /// Bytes pushed through the engine per call: large enough to split across threads and
 /// to amortise the call, small enough to sit in the L3 cache of a server core complex.
 pub const BENCH_BUFFER: usize = 16 << 20;
-
-/// Which way data goes through the cipher.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Direction {
-    /// Plaintext to ciphertext.
-    Encrypt,
-    /// Ciphertext to plaintext.
-    Decrypt,
-}
-
-impl Direction {
-    /// Both directions.
-    pub const ALL: [Direction; 2] = [Direction::Encrypt, Direction::Decrypt];
-
-    /// `encrypt` or `decrypt`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Direction::Encrypt => "encrypt",
-            Direction::Decrypt => "decrypt",
-        }
-    }
-}
 
 /// One measurement of [`bench()`].
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]

@@ -24,6 +24,7 @@ use std::sync::Mutex;
 use zeroize::Zeroizing;
 
 mod bench;
+mod direction;
 mod portable;
 
 #[cfg(target_arch = "x86_64")]
@@ -40,7 +41,8 @@ mod select;
 #[cfg(test)]
 mod tests;
 
-pub use bench::{bench, BenchResult, Direction, BENCH_BUFFER};
+pub use bench::{bench, BenchResult, BENCH_BUFFER};
+pub use direction::Direction;
 pub use select::Selection;
 
 /// Length of an XTS-AES-256 key: two AES-256 keys (data key, tweak key).
