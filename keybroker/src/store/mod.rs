@@ -1,7 +1,9 @@
 //! Volume records and the [`KeyStore`] trait: get, compare-and-swap put on a record
 //! revision, list, and store metadata. The embedded implementation is [`redb::RedbStore`];
 //! the trait is shaped for an etcd implementation (revisions map to mod_revision).
+//! [`memory::MemoryStore`] keeps records in memory, for tests and benchmarks.
 
+pub mod memory;
 pub mod redb;
 
 use std::collections::BTreeMap;
