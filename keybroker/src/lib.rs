@@ -9,6 +9,7 @@ pub mod client;
 pub mod config;
 pub mod conn;
 pub mod identity;
+pub mod keys;
 pub mod pki;
 pub mod process;
 pub mod server;
