@@ -110,6 +110,26 @@ pub enum StoreError {
     },
 }
 
+/// Metadata key holding the id of the KEK the store was written with.
+pub const META_KEK_ID: &str = "kek_id";
+
+/// A store before it is opened: where it is, which KEK it was written with, and how to
+/// open it. The broker reads the KEK id first and opens (and so writes to) the store only
+/// once the loaded KEK is known to be that one.
+#[async_trait::async_trait]
+pub trait Backend: Send + Sync {
+    /// Where the store is, for messages (a file path; endpoints for a remote store).
+    fn location(&self) -> String;
+
+    /// The KEK id recorded in the store's metadata ([`META_KEK_ID`]), read without
+    /// writing to the store, even after a crash left it unclosed; `None` for a store
+    /// that does not exist yet or records no id.
+    async fn recorded_kek_id(&self) -> Result<Option<String>, StoreError>;
+
+    /// Opens (or creates) the store for reading and writing.
+    async fn open(&self) -> Result<Arc<dyn KeyStore>, StoreError>;
+}
+
 /// Persistent storage of volume records with compare-and-swap.
 #[async_trait::async_trait]
 pub trait KeyStore: Send + Sync + 'static {
