@@ -1,8 +1,8 @@
 //! The `nodecrypt.keybroker.v1.KeyBroker` service: request validation → the flows of
 //! [`crate::keys`] (authorization, store, wrap) → audit → response; key errors become
-//! status codes in one place ([`status`]). Every outcome, success or refusal, is audited before
-//! the response leaves; a call whose audit line cannot be written fails (UNAVAILABLE) and
-//! returns no key.
+//! status codes in one place (`status`). Every outcome, success or refusal, is audited
+//! before the response leaves; a call whose audit line cannot be written fails
+//! (UNAVAILABLE) and returns no key.
 
 use std::sync::Arc;
 

@@ -5,7 +5,7 @@
 //! calls them and maps their errors to status codes. Nothing here knows of gRPC.
 //!
 //! Every flow that changes a record goes through one compare-and-swap loop
-//! ([`Keys::update`]): read the record and its revision, decide, write if the revision
+//! (`Keys::update`): read the record and its revision, decide, write if the revision
 //! is unchanged, and read again on a conflict, at most [`CAS_ATTEMPTS`] times.
 
 use std::collections::BTreeMap;
