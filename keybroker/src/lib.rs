@@ -7,6 +7,7 @@
 pub mod audit;
 pub mod authz;
 pub mod config;
+pub mod keys;
 pub mod pki;
 pub mod server;
 pub mod service;

@@ -3,7 +3,6 @@
 //! reflection, graceful shutdown (NOT_SERVING, drain).
 
 use std::net::SocketAddr;
-use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,14 +14,14 @@ use tracing::info;
 use crate::audit::{AuditError, AuditLog};
 use crate::config::Config;
 use crate::service::Broker;
-use crate::store::redb::{RedbStore, STORE_FILE};
-use crate::store::{KeyStore, StoreError};
+use crate::store::redb::{RedbBackend, STORE_FILE};
+use crate::store::{Backend, KeyStore, StoreError};
 use crate::tls::{self, TlsError};
 use crate::wrap::{Kek, WrapError};
 use nodecrypt_common::serve::Drain;
 
 /// Metadata key holding the id of the KEK the store was written with.
-pub const META_KEK_ID: &str = "kek_id";
+pub use crate::store::META_KEK_ID;
 
 /// Why the broker could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -56,69 +55,11 @@ pub enum ServeError {
     Io(String),
 }
 
-/// Reads the KEK id the store records without writing to it (a read-only open).
-///
-/// After a crash or power loss the store was not closed, and a read-only open cannot
-/// rebuild redb's allocator state; the id is then read from a repaired private copy, so
-/// the store itself is not touched before the KEK is known to be the right one (the real
-/// open repairs it afterwards).
-fn recorded_kek_id(path: &std::path::Path) -> Result<Option<String>, StoreError> {
-    if !path.exists() {
-        return Ok(None);
-    }
-    let backend =
-        |e: &dyn std::fmt::Display| StoreError::Backend(format!("{}: {e}", path.display()));
-    match redb::ReadOnlyDatabase::open(path) {
-        Ok(db) => kek_id_in(&db),
-        Err(redb::DatabaseError::RepairAborted) => {
-            let copy = path.with_extension("redb.kek-check");
-            let _ = std::fs::remove_file(&copy); // a stale copy of a crash during this check
-            let id = private_copy(path, &copy)
-                .map_err(|e| backend(&e))
-                .and_then(|()| {
-                    // Opening read-write repairs the copy.
-                    kek_id_in(&redb::Database::create(&copy).map_err(|e| backend(&e))?)
-                });
-            let _ = std::fs::remove_file(&copy);
-            id
-        }
-        Err(e) => Err(backend(&e)),
-    }
-}
-
-/// Copies `from` to a new file `to`, readable by the owner only.
-fn private_copy(from: &std::path::Path, to: &std::path::Path) -> std::io::Result<()> {
-    let mut out = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(to)?;
-    std::io::copy(&mut std::fs::File::open(from)?, &mut out)?;
-    Ok(())
-}
-
-/// The KEK id in the store's `meta` table, if any.
-fn kek_id_in(db: &impl redb::ReadableDatabase) -> Result<Option<String>, StoreError> {
-    use redb::TableDefinition;
-    let r = db
-        .begin_read()
-        .map_err(|e| StoreError::Backend(e.to_string()))?;
-    let meta: TableDefinition<&str, &str> = TableDefinition::new("meta");
-    match r.open_table(meta) {
-        Ok(t) => Ok(t
-            .get(META_KEK_ID)
-            .map_err(|e| StoreError::Backend(e.to_string()))?
-            .map(|g| g.value().to_string())),
-        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
-        Err(e) => Err(StoreError::Backend(e.to_string())),
-    }
-}
-
 /// Loads the KEK and opens the store, refusing a KEK the store was not written with.
 pub async fn open_state(cfg: &Config) -> Result<(Arc<Kek>, Arc<dyn KeyStore>), ServeError> {
     let kek = Arc::new(Kek::load(&cfg.state_dir)?);
-    let store_path = cfg.state_dir.join(STORE_FILE);
-    if let Some(expected) = recorded_kek_id(&store_path)? {
+    let backend = RedbBackend::new(cfg.state_dir.join(STORE_FILE));
+    if let Some(expected) = backend.recorded_kek_id().await? {
         if expected != kek.id() {
             return Err(ServeError::WrongKek {
                 kek_path: cfg
@@ -128,11 +69,11 @@ pub async fn open_state(cfg: &Config) -> Result<(Arc<Kek>, Arc<dyn KeyStore>), S
                     .to_string(),
                 loaded: kek.id().to_string(),
                 expected,
-                store_path: store_path.display().to_string(),
+                store_path: backend.location(),
             });
         }
     }
-    let store: Arc<dyn KeyStore> = Arc::new(RedbStore::open(&store_path)?);
+    let store = backend.open().await?;
     if store.meta_get(META_KEK_ID).await?.is_none() {
         store.meta_put(META_KEK_ID, kek.id()).await?;
     }

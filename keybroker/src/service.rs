@@ -1,7 +1,8 @@
-//! The `nodecrypt.keybroker.v1.KeyBroker` service: request validation → authorization →
-//! store/wrap → audit → response. Every outcome, success or refusal, is audited before
-//! the response leaves; a call whose audit line cannot be written fails (UNAVAILABLE) and
-//! returns no key.
+//! The `nodecrypt.keybroker.v1.KeyBroker` service: request validation → the flows of
+//! [`crate::keys`] (authorization, store, wrap) → audit → response; key errors become
+//! status codes in one place (`status`). Every outcome, success or refusal, is audited
+//! before the response leaves; a call whose audit line cannot be written fails
+//! (UNAVAILABLE) and returns no key.
 
 use std::sync::Arc;
 
@@ -11,22 +12,18 @@ use tonic::{Code, Request, Response, Status};
 use tracing::{info, warn, Instrument};
 
 use crate::audit::{AuditEvent, AuditLog};
-use crate::authz::{self, Action, Policy};
+use crate::authz::Policy;
 use crate::identity::{Identity, IdentityError};
-use crate::store::{KeyState, KeyStore, KeyVersion, Revision, StoreError, VolumeRecord};
+use crate::keys::{Keys, KeysError, ServedKey};
+use crate::store::{KeyState, KeyStore, StoreError, VolumeRecord};
 use crate::tls::Peer;
 use crate::validate;
-use crate::wrap::{Kek, VolumeKey, WrapError};
-
-/// How often a compare-and-swap is retried under contention before giving up (ABORTED).
-const CAS_ATTEMPTS: usize = 256;
+use crate::wrap::{Kek, WrapError};
 
 /// The broker service state.
 pub struct Broker {
-    store: Arc<dyn KeyStore>,
-    kek: Arc<Kek>,
+    keys: Keys,
     audit: AuditLog,
-    policy: Policy,
 }
 
 /// The audit `rpc` of a break-glass key read: distinct from `GetVolumeKey`, so that a
@@ -74,38 +71,51 @@ fn invalid(e: validate::Invalid) -> Status {
     Status::invalid_argument(e.0)
 }
 
-fn denied(e: authz::Denied) -> Status {
-    Status::permission_denied(e.0)
+/// The one mapping of a flow's error to the caller's status; the message is the error's.
+fn status(e: KeysError) -> Status {
+    let code = match &e {
+        KeysError::Denied { .. } => Code::PermissionDenied,
+        KeysError::NotFound { .. }
+        | KeysError::NoVersion { .. }
+        | KeysError::NoVersionToRetire { .. } => Code::NotFound,
+        KeysError::Destroyed { .. }
+        | KeysError::Retired { .. }
+        | KeysError::AheadOfBroker { .. }
+        | KeysError::RetireCurrent { .. }
+        | KeysError::NotOnExpectedNode { .. } => Code::FailedPrecondition,
+        KeysError::ActiveWithoutKey { .. } => Code::DataLoss,
+        KeysError::BoundElsewhere { .. } => Code::AlreadyExists,
+        KeysError::NoVersionsLeft { .. } => Code::ResourceExhausted,
+        KeysError::Contention { .. } => Code::Aborted,
+        KeysError::Store { source, .. } => match source {
+            StoreError::Conflict(_) => Code::Aborted,
+            StoreError::Corrupt { .. } => Code::DataLoss,
+            StoreError::Backend(_) | StoreError::Io { .. } => Code::Unavailable,
+        },
+        KeysError::Wrap { source, .. } => match source {
+            WrapError::Unwrap { .. } | WrapError::WrongKek { .. } => Code::DataLoss,
+            _ => Code::Internal,
+        },
+    };
+    Status::new(code, e.to_string())
 }
 
-fn store_err(e: StoreError) -> Status {
-    match e {
-        StoreError::Conflict(v) => {
-            Status::aborted(format!("volume {v}: too much contention, retry"))
-        }
-        StoreError::Corrupt { .. } => Status::data_loss(e.to_string()),
-        StoreError::Backend(_) | StoreError::Io { .. } => Status::unavailable(e.to_string()),
-    }
-}
-
-fn wrap_err(e: WrapError) -> Status {
-    match e {
-        WrapError::Unwrap { .. } | WrapError::WrongKek { .. } => Status::data_loss(e.to_string()),
-        _ => Status::internal(e.to_string()),
-    }
-}
-
-fn not_found(volume_id: &str) -> Status {
-    Status::not_found(format!("volume {volume_id} has no key at this broker"))
-}
-
-fn destroyed(rec: &VolumeRecord) -> Option<Status> {
-    rec.destroyed_at.as_ref().map(|at| {
-        Status::failed_precondition(format!(
-            "volume {} was destroyed at {at}: its key no longer exists and its data is unrecoverable",
-            rec.volume_id
-        ))
-    })
+/// The wire form of a served key (its bytes only where the flow unwrapped them), and its
+/// version for the audit line.
+fn key_message(served: ServedKey) -> (pb::VolumeKey, Option<u64>) {
+    let ServedKey {
+        volume_id,
+        version,
+        current_version,
+        key,
+    } = served;
+    let message = pb::VolumeKey {
+        volume_id,
+        version,
+        key: key.map(|k| k.expose().to_vec()).unwrap_or_default(),
+        current_version,
+    };
+    (message, Some(version))
 }
 
 /// Volume ids from the wire may be anything; the audit log keeps a bounded, printable form.
@@ -158,16 +168,14 @@ impl Broker {
     /// ([`crate::tls::incoming`] decides the trust domain).
     pub fn new(store: Arc<dyn KeyStore>, kek: Arc<Kek>, audit: AuditLog) -> Self {
         Self {
-            store,
-            kek,
+            keys: Keys::new(store, kek, Policy::default()),
             audit,
-            policy: Policy::default(),
         }
     }
 
     /// The same service under `policy` (default: [`Policy::default`], no recovery reads).
     pub fn with_policy(mut self, policy: Policy) -> Self {
-        self.policy = policy;
+        self.keys = self.keys.with_policy(policy);
         self
     }
 
@@ -280,82 +288,6 @@ impl Broker {
         result.map(Response::new)
     }
 
-    /// The record of `volume_id` (shared with the store's cache: clone it to change it).
-    async fn load(&self, volume_id: &str) -> Result<(Revision, Arc<VolumeRecord>), Status> {
-        self.store
-            .get(volume_id)
-            .await
-            .map_err(store_err)?
-            .ok_or_else(|| not_found(volume_id))
-    }
-
-    /// The answer carrying `version`'s key; with `with_key` false (an admin's create or
-    /// rotate) the key field is left empty and nothing is unwrapped.
-    fn key_message(
-        &self,
-        rec: &VolumeRecord,
-        version: u64,
-        with_key: bool,
-    ) -> Result<pb::VolumeKey, Status> {
-        let kv = rec.version(version).ok_or_else(|| {
-            Status::not_found(format!(
-                "volume {} has no key version {version} (current is {})",
-                rec.volume_id,
-                rec.current_version()
-            ))
-        })?;
-        let wrapped = match (kv.state, &kv.wrapped) {
-            (KeyState::Active, Some(w)) => w,
-            (KeyState::Active, None) => {
-                return Err(Status::data_loss(format!(
-                    "volume {} version {version}: active but no wrapped key is stored",
-                    rec.volume_id
-                )))
-            }
-            (_, _) => {
-                return Err(Status::failed_precondition(format!(
-                    "version {version} of volume {} was retired at {}; use the current version {}",
-                    rec.volume_id,
-                    kv.retired_at.as_deref().unwrap_or("?"),
-                    rec.current_version()
-                )))
-            }
-        };
-        let key = if with_key {
-            let key = self
-                .kek
-                .unwrap(&rec.volume_id, version, wrapped)
-                .map_err(wrap_err)?;
-            key.expose().to_vec()
-        } else {
-            Vec::new()
-        };
-        Ok(pb::VolumeKey {
-            volume_id: rec.volume_id.clone(),
-            version,
-            key,
-            current_version: rec.current_version(),
-        })
-    }
-
-    fn new_version(&self, volume_id: &str, version: u64) -> Result<KeyVersion, Status> {
-        let key = VolumeKey::generate().map_err(wrap_err)?;
-        let wrapped = self.kek.wrap(volume_id, version, &key).map_err(wrap_err)?;
-        Ok(KeyVersion {
-            version,
-            state: KeyState::Active,
-            created_at: crate::now_rfc3339(),
-            retired_at: None,
-            wrapped: Some(wrapped),
-        })
-    }
-
-    async fn scrub(&self) {
-        if let Err(e) = self.store.scrub().await {
-            warn!(error = %e, "store scrub after wiping a key failed; the key is unreadable without the KEK, and the next scrub retries");
-        }
-    }
-
     async fn create(
         &self,
         c: &Caller,
@@ -366,50 +298,13 @@ impl Broker {
             validate::node_id(&r.node_id).map_err(invalid)?;
         }
         validate::labels(r.labels.iter()).map_err(invalid)?;
-        let target = authz::create_target(&c.identity, &r.node_id)
-            .map_err(denied)?
-            .to_string();
-        let with_key = authz::receives_key_bytes(&c.identity);
-        for _ in 0..CAS_ATTEMPTS {
-            if let Some((_, rec)) = self.store.get(&r.volume_id).await.map_err(store_err)? {
-                authz::check(
-                    &c.identity,
-                    Action::Create { node: &r.node_id },
-                    Some(&rec),
-                    self.policy,
-                )
-                .map_err(denied)?;
-                if let Some(s) = destroyed(&rec) {
-                    return Err(s);
-                }
-                if rec.node_id != target {
-                    return Err(Status::already_exists(format!(
-                        "volume {} already exists, bound to node {}; rebind it instead",
-                        rec.volume_id, rec.node_id
-                    )));
-                }
-                let v = rec.current_version();
-                return Ok((self.key_message(&rec, v, with_key)?, Some(v)));
-            }
-            let now = crate::now_rfc3339();
-            let rec = VolumeRecord {
-                volume_id: r.volume_id.clone(),
-                node_id: target.clone(),
-                versions: vec![self.new_version(&r.volume_id, 1)?],
-                labels: r.labels.clone().into_iter().collect(),
-                created_at: now,
-                destroyed_at: None,
-            };
-            match self.store.put(&rec, None).await {
-                Ok(_) => {
-                    info!(node = %target, "volume key created");
-                    return Ok((self.key_message(&rec, 1, with_key)?, Some(1)));
-                }
-                Err(StoreError::Conflict(_)) => continue,
-                Err(e) => return Err(store_err(e)),
-            }
-        }
-        Err(store_err(StoreError::Conflict(r.volume_id.clone())))
+        let labels = r.labels.clone().into_iter().collect();
+        let served = self
+            .keys
+            .create(&c.identity, &r.volume_id, &r.node_id, labels)
+            .await
+            .map_err(status)?;
+        Ok(key_message(served))
     }
 
     async fn get(
@@ -419,17 +314,12 @@ impl Broker {
     ) -> Result<(pb::VolumeKey, Option<u64>), Status> {
         validate::volume_id(&r.volume_id).map_err(invalid)?;
         validate::version(r.version, true).map_err(invalid)?;
-        let (_, rec) = self.load(&r.volume_id).await?;
-        authz::check(&c.identity, Action::Get, Some(&rec), self.policy).map_err(denied)?;
-        if let Some(s) = destroyed(&rec) {
-            return Err(s);
-        }
-        let v = if r.version == 0 {
-            rec.current_version()
-        } else {
-            r.version
-        };
-        Ok((self.key_message(&rec, v, true)?, Some(v)))
+        let served = self
+            .keys
+            .get(&c.identity, &r.volume_id, r.version)
+            .await
+            .map_err(status)?;
+        Ok(key_message(served))
     }
 
     async fn rotate(
@@ -439,44 +329,12 @@ impl Broker {
     ) -> Result<(pb::VolumeKey, Option<u64>), Status> {
         validate::volume_id(&r.volume_id).map_err(invalid)?;
         validate::version(r.expected_current_version, true).map_err(invalid)?;
-        let with_key = authz::receives_key_bytes(&c.identity);
-        for _ in 0..CAS_ATTEMPTS {
-            let (rev, rec) = self.load(&r.volume_id).await?;
-            let mut rec = Arc::unwrap_or_clone(rec);
-            authz::check(&c.identity, Action::Rotate, Some(&rec), self.policy).map_err(denied)?;
-            if let Some(s) = destroyed(&rec) {
-                return Err(s);
-            }
-            let cur = rec.current_version();
-            let expected = r.expected_current_version;
-            if expected != 0 && cur > expected {
-                // Already rotated past what the caller saw (a retry after a crash): no new version.
-                return Ok((self.key_message(&rec, cur, with_key)?, Some(cur)));
-            }
-            if expected != 0 && cur < expected {
-                return Err(Status::failed_precondition(format!(
-                    "volume {}: expected current version {expected}, but the broker's is {cur}",
-                    rec.volume_id
-                )));
-            }
-            if cur >= validate::MAX_VERSION {
-                return Err(Status::resource_exhausted(format!(
-                    "volume {}: no versions left",
-                    rec.volume_id
-                )));
-            }
-            rec.versions
-                .push(self.new_version(&rec.volume_id, cur + 1)?);
-            match self.store.put(&rec, Some(rev)).await {
-                Ok(_) => {
-                    info!(version = cur + 1, "volume key rotated");
-                    return Ok((self.key_message(&rec, cur + 1, with_key)?, Some(cur + 1)));
-                }
-                Err(StoreError::Conflict(_)) => continue,
-                Err(e) => return Err(store_err(e)),
-            }
-        }
-        Err(store_err(StoreError::Conflict(r.volume_id.clone())))
+        let served = self
+            .keys
+            .rotate(&c.identity, &r.volume_id, r.expected_current_version)
+            .await
+            .map_err(status)?;
+        Ok(key_message(served))
     }
 
     async fn retire(
@@ -486,41 +344,12 @@ impl Broker {
     ) -> Result<(pb::VolumeInfo, Option<u64>), Status> {
         validate::volume_id(&r.volume_id).map_err(invalid)?;
         validate::version(r.version, false).map_err(invalid)?;
-        for _ in 0..CAS_ATTEMPTS {
-            let (rev, rec) = self.load(&r.volume_id).await?;
-            let mut rec = Arc::unwrap_or_clone(rec);
-            authz::check(&c.identity, Action::Retire, Some(&rec), self.policy).map_err(denied)?;
-            let cur = rec.current_version();
-            let kek_id = self.kek.id().to_string();
-            let Some(kv) = rec.version_mut(r.version) else {
-                return Err(Status::not_found(format!(
-                    "volume {} has no key version {}",
-                    r.volume_id, r.version
-                )));
-            };
-            if kv.state != KeyState::Active {
-                return Ok((volume_info(&rec, &kek_id), Some(r.version)));
-            }
-            if r.version == cur {
-                return Err(Status::failed_precondition(format!(
-                    "version {} is the current version of volume {}; rotate before retiring it",
-                    r.version, r.volume_id
-                )));
-            }
-            kv.state = KeyState::Retired;
-            kv.retired_at = Some(crate::now_rfc3339());
-            kv.wrapped = None;
-            match self.store.put(&rec, Some(rev)).await {
-                Ok(_) => {
-                    info!(version = r.version, "key version retired");
-                    self.scrub().await;
-                    return Ok((volume_info(&rec, &kek_id), Some(r.version)));
-                }
-                Err(StoreError::Conflict(_)) => continue,
-                Err(e) => return Err(store_err(e)),
-            }
-        }
-        Err(store_err(StoreError::Conflict(r.volume_id.clone())))
+        let rec = self
+            .keys
+            .retire(&c.identity, &r.volume_id, r.version)
+            .await
+            .map_err(status)?;
+        Ok((volume_info(&rec, self.keys.kek_id()), Some(r.version)))
     }
 
     async fn destroy(
@@ -532,31 +361,12 @@ impl Broker {
         if r.reason.len() > 256 {
             return Err(Status::invalid_argument("reason is at most 256 bytes"));
         }
-        for _ in 0..CAS_ATTEMPTS {
-            let (rev, rec) = self.load(&r.volume_id).await?;
-            let mut rec = Arc::unwrap_or_clone(rec);
-            authz::check(&c.identity, Action::Destroy, Some(&rec), self.policy).map_err(denied)?;
-            if rec.destroyed_at.is_some() {
-                return Ok((volume_info(&rec, self.kek.id()), None));
-            }
-            let now = crate::now_rfc3339();
-            for kv in &mut rec.versions {
-                kv.state = KeyState::Destroyed;
-                kv.wrapped = None;
-                kv.retired_at.get_or_insert_with(|| now.clone());
-            }
-            rec.destroyed_at = Some(now);
-            match self.store.put(&rec, Some(rev)).await {
-                Ok(_) => {
-                    warn!(reason = %r.reason, "volume key destroyed (crypto-erase)");
-                    self.scrub().await;
-                    return Ok((volume_info(&rec, self.kek.id()), None));
-                }
-                Err(StoreError::Conflict(_)) => continue,
-                Err(e) => return Err(store_err(e)),
-            }
-        }
-        Err(store_err(StoreError::Conflict(r.volume_id.clone())))
+        let rec = self
+            .keys
+            .destroy(&c.identity, &r.volume_id, &r.reason)
+            .await
+            .map_err(status)?;
+        Ok((volume_info(&rec, self.keys.kek_id()), None))
     }
 
     async fn rebind(
@@ -569,33 +379,51 @@ impl Broker {
         if !r.expected_node_id.is_empty() {
             validate::node_id(&r.expected_node_id).map_err(invalid)?;
         }
-        authz::check(&c.identity, Action::Rebind, None, self.policy).map_err(denied)?;
-        for _ in 0..CAS_ATTEMPTS {
-            let (rev, rec) = self.load(&r.volume_id).await?;
-            let mut rec = Arc::unwrap_or_clone(rec);
-            if let Some(s) = destroyed(&rec) {
-                return Err(s);
-            }
-            if rec.node_id == r.new_node_id {
-                return Ok((volume_info(&rec, self.kek.id()), None));
-            }
-            if !r.expected_node_id.is_empty() && rec.node_id != r.expected_node_id {
-                return Err(Status::failed_precondition(format!(
-                    "volume {} is bound to node {}, not {}",
-                    rec.volume_id, rec.node_id, r.expected_node_id
-                )));
-            }
-            let from = std::mem::replace(&mut rec.node_id, r.new_node_id.clone());
-            match self.store.put(&rec, Some(rev)).await {
-                Ok(_) => {
-                    info!(from = %from, to = %r.new_node_id, "volume rebound");
-                    return Ok((volume_info(&rec, self.kek.id()), None));
-                }
-                Err(StoreError::Conflict(_)) => continue,
-                Err(e) => return Err(store_err(e)),
-            }
+        let rec = self
+            .keys
+            .rebind(
+                &c.identity,
+                &r.volume_id,
+                &r.new_node_id,
+                &r.expected_node_id,
+            )
+            .await
+            .map_err(status)?;
+        Ok((volume_info(&rec, self.keys.kek_id()), None))
+    }
+
+    async fn list(
+        &self,
+        c: &Caller,
+        r: &pb::ListVolumeKeysRequest,
+    ) -> Result<(pb::ListVolumeKeysResponse, Option<u64>), Status> {
+        if !r.node_id.is_empty() {
+            validate::node_id(&r.node_id).map_err(invalid)?;
         }
-        Err(store_err(StoreError::Conflict(r.volume_id.clone())))
+        let all = self
+            .keys
+            .list(&c.identity, &r.node_id)
+            .await
+            .map_err(status)?;
+        let volumes = all
+            .iter()
+            .map(|rec| volume_info(rec, self.keys.kek_id()))
+            .collect();
+        Ok((pb::ListVolumeKeysResponse { volumes }, None))
+    }
+
+    async fn describe(
+        &self,
+        c: &Caller,
+        r: &pb::DescribeVolumeRequest,
+    ) -> Result<(pb::VolumeInfo, Option<u64>), Status> {
+        validate::volume_id(&r.volume_id).map_err(invalid)?;
+        let rec = self
+            .keys
+            .describe(&c.identity, &r.volume_id)
+            .await
+            .map_err(status)?;
+        Ok((volume_info(&rec, self.keys.kek_id()), None))
     }
 }
 
@@ -743,36 +571,7 @@ impl KeyBroker for Broker {
             Access::Read,
             req,
             |_| "",
-            |c, r| async move {
-                Outcome::of(
-                    async {
-                        if !r.node_id.is_empty() {
-                            validate::node_id(&r.node_id).map_err(invalid)?;
-                        }
-                        authz::check(
-                            &c.identity,
-                            Action::List { node: &r.node_id },
-                            None,
-                            self.policy,
-                        )
-                        .map_err(denied)?;
-                        let node = match (&c.identity, r.node_id.as_str()) {
-                            (Identity::Node(me), _) => Some(me.as_str()),
-                            (_, "") => None,
-                            (_, n) => Some(n),
-                        };
-                        let mut all = self.store.list().await.map_err(store_err)?;
-                        all.retain(|rec| node.is_none_or(|n| rec.node_id == n));
-                        all.sort_by(|a, b| a.volume_id.cmp(&b.volume_id));
-                        let volumes = all
-                            .iter()
-                            .map(|rec| volume_info(rec, self.kek.id()))
-                            .collect();
-                        Ok((pb::ListVolumeKeysResponse { volumes }, None))
-                    }
-                    .await,
-                )
-            },
+            |c, r| async move { Outcome::of(self.list(&c, &r).await) },
         )
         .await
     }
@@ -786,18 +585,7 @@ impl KeyBroker for Broker {
             Access::Read,
             req,
             |r| &r.volume_id,
-            |c, r| async move {
-                Outcome::of(
-                    async {
-                        validate::volume_id(&r.volume_id).map_err(invalid)?;
-                        let (_, rec) = self.load(&r.volume_id).await?;
-                        authz::check(&c.identity, Action::Describe, Some(&rec), self.policy)
-                            .map_err(denied)?;
-                        Ok((volume_info(&rec, self.kek.id()), None))
-                    }
-                    .await,
-                )
-            },
+            |c, r| async move { Outcome::of(self.describe(&c, &r).await) },
         )
         .await
     }
@@ -823,5 +611,138 @@ pub fn code_name(code: Code) -> &'static str {
         Code::Unavailable => "UNAVAILABLE",
         Code::DataLoss => "DATA_LOSS",
         Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_error_has_its_status_code_and_keeps_its_message() {
+        let v = || "vol-s".to_string();
+        let table = [
+            (
+                KeysError::Denied {
+                    volume_id: v(),
+                    reason: crate::authz::Denied("no".into()),
+                },
+                Code::PermissionDenied,
+            ),
+            (KeysError::NotFound { volume_id: v() }, Code::NotFound),
+            (
+                KeysError::NoVersion {
+                    volume_id: v(),
+                    version: 3,
+                    current: 2,
+                },
+                Code::NotFound,
+            ),
+            (
+                KeysError::NoVersionToRetire {
+                    volume_id: v(),
+                    version: 3,
+                },
+                Code::NotFound,
+            ),
+            (
+                KeysError::Destroyed {
+                    volume_id: v(),
+                    at: "t".into(),
+                },
+                Code::FailedPrecondition,
+            ),
+            (
+                KeysError::Retired {
+                    volume_id: v(),
+                    version: 1,
+                    retired_at: "t".into(),
+                    current: 2,
+                },
+                Code::FailedPrecondition,
+            ),
+            (
+                KeysError::AheadOfBroker {
+                    volume_id: v(),
+                    expected: 3,
+                    current: 2,
+                },
+                Code::FailedPrecondition,
+            ),
+            (
+                KeysError::RetireCurrent {
+                    volume_id: v(),
+                    version: 2,
+                },
+                Code::FailedPrecondition,
+            ),
+            (
+                KeysError::NotOnExpectedNode {
+                    volume_id: v(),
+                    bound: "n1".into(),
+                    expected: "n2".into(),
+                },
+                Code::FailedPrecondition,
+            ),
+            (
+                KeysError::ActiveWithoutKey {
+                    volume_id: v(),
+                    version: 1,
+                },
+                Code::DataLoss,
+            ),
+            (
+                KeysError::BoundElsewhere {
+                    volume_id: v(),
+                    node_id: "n1".into(),
+                },
+                Code::AlreadyExists,
+            ),
+            (
+                KeysError::NoVersionsLeft { volume_id: v() },
+                Code::ResourceExhausted,
+            ),
+            (KeysError::Contention { volume_id: v() }, Code::Aborted),
+            (
+                KeysError::Store {
+                    volume_id: v(),
+                    source: StoreError::Backend("down".into()),
+                },
+                Code::Unavailable,
+            ),
+            (
+                KeysError::Store {
+                    volume_id: v(),
+                    source: StoreError::Corrupt {
+                        volume_id: v(),
+                        what: "bad".into(),
+                    },
+                },
+                Code::DataLoss,
+            ),
+            (
+                KeysError::Wrap {
+                    volume_id: v(),
+                    source: WrapError::Unwrap {
+                        volume_id: v(),
+                        version: 1,
+                    },
+                },
+                Code::DataLoss,
+            ),
+            (
+                KeysError::Wrap {
+                    volume_id: v(),
+                    source: WrapError::Random("none".into()),
+                },
+                Code::Internal,
+            ),
+        ];
+        for (err, code) in table {
+            let message = err.to_string();
+            let s = status(err);
+            assert_eq!(s.code(), code, "{message}");
+            assert_eq!(s.message(), message);
+        }
     }
 }

@@ -1,7 +1,9 @@
 //! Volume records and the [`KeyStore`] trait: get, compare-and-swap put on a record
 //! revision, list, and store metadata. The embedded implementation is [`redb::RedbStore`];
 //! the trait is shaped for an etcd implementation (revisions map to mod_revision).
+//! [`memory::MemoryStore`] keeps records in memory, for tests and benchmarks.
 
+pub mod memory;
 pub mod redb;
 
 use std::collections::BTreeMap;
@@ -106,6 +108,26 @@ pub enum StoreError {
         /// What to do.
         hint: &'static str,
     },
+}
+
+/// Metadata key holding the id of the KEK the store was written with.
+pub const META_KEK_ID: &str = "kek_id";
+
+/// A store before it is opened: where it is, which KEK it was written with, and how to
+/// open it. The broker reads the KEK id first and opens (and so writes to) the store only
+/// once the loaded KEK is known to be that one.
+#[async_trait::async_trait]
+pub trait Backend: Send + Sync {
+    /// Where the store is, for messages (a file path; endpoints for a remote store).
+    fn location(&self) -> String;
+
+    /// The KEK id recorded in the store's metadata ([`META_KEK_ID`]), read without
+    /// writing to the store, even after a crash left it unclosed; `None` for a store
+    /// that does not exist yet or records no id.
+    async fn recorded_kek_id(&self) -> Result<Option<String>, StoreError>;
+
+    /// Opens (or creates) the store for reading and writing.
+    async fn open(&self) -> Result<Arc<dyn KeyStore>, StoreError>;
 }
 
 /// Persistent storage of volume records with compare-and-swap.

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::{KeyStore, Revision, StoreError, VolumeRecord};
+use super::{Backend, KeyStore, Revision, StoreError, VolumeRecord, META_KEK_ID};
 
 const VOLUMES: TableDefinition<&str, &[u8]> = TableDefinition::new("volumes");
 const REVISIONS: TableDefinition<&str, u64> = TableDefinition::new("revisions");
@@ -198,6 +198,92 @@ fn recover(db: &RwLock<Option<Database>>, shared: &Shared) -> Result<(), StoreEr
             *last = Some((Instant::now(), copy));
             Err(e)
         }
+    }
+}
+
+/// The redb store file at a path, before it is opened.
+pub struct RedbBackend {
+    path: PathBuf,
+}
+
+impl RedbBackend {
+    /// The store file at `path` (usually `STATE_DIR/`[`STORE_FILE`]).
+    pub fn new(path: PathBuf) -> Self {
+        Self { path }
+    }
+}
+
+#[async_trait::async_trait]
+impl Backend for RedbBackend {
+    fn location(&self) -> String {
+        self.path.display().to_string()
+    }
+
+    async fn recorded_kek_id(&self) -> Result<Option<String>, StoreError> {
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || recorded_kek_id(&path))
+            .await
+            .map_err(|e| StoreError::Backend(e.to_string()))?
+    }
+
+    async fn open(&self) -> Result<Arc<dyn KeyStore>, StoreError> {
+        Ok(Arc::new(RedbStore::open(&self.path)?))
+    }
+}
+
+/// Reads the KEK id the store records without writing to it (a read-only open).
+///
+/// After a crash or power loss the store was not closed, and a read-only open cannot
+/// rebuild redb's allocator state; the id is then read from a repaired private copy, so
+/// the store itself is not touched before the KEK is known to be the right one (the real
+/// open repairs it afterwards).
+fn recorded_kek_id(path: &Path) -> Result<Option<String>, StoreError> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let backend =
+        |e: &dyn std::fmt::Display| StoreError::Backend(format!("{}: {e}", path.display()));
+    match redb::ReadOnlyDatabase::open(path) {
+        Ok(db) => kek_id_in(&db),
+        Err(redb::DatabaseError::RepairAborted) => {
+            let copy = path.with_extension("redb.kek-check");
+            let _ = std::fs::remove_file(&copy); // a stale copy of a crash during this check
+            let id = private_copy(path, &copy)
+                .map_err(|e| backend(&e))
+                .and_then(|()| {
+                    // Opening read-write repairs the copy.
+                    kek_id_in(&Database::create(&copy).map_err(|e| backend(&e))?)
+                });
+            let _ = std::fs::remove_file(&copy);
+            id
+        }
+        Err(e) => Err(backend(&e)),
+    }
+}
+
+/// Copies `from` to a new file `to`, readable by the owner only.
+fn private_copy(from: &Path, to: &Path) -> std::io::Result<()> {
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(to)?;
+    std::io::copy(&mut std::fs::File::open(from)?, &mut out)?;
+    Ok(())
+}
+
+/// The KEK id in the store's `meta` table, if any.
+fn kek_id_in(db: &impl ReadableDatabase) -> Result<Option<String>, StoreError> {
+    let r = db
+        .begin_read()
+        .map_err(|e| StoreError::Backend(e.to_string()))?;
+    match r.open_table(META) {
+        Ok(t) => Ok(t
+            .get(META_KEK_ID)
+            .map_err(|e| StoreError::Backend(e.to_string()))?
+            .map(|g| g.value().to_string())),
+        Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(e) => Err(StoreError::Backend(e.to_string())),
     }
 }
 
@@ -471,6 +557,29 @@ mod tests {
         assert_eq!(
             store.get("vol-c").await.unwrap().unwrap(),
             (r2, rec("n2").into())
+        );
+    }
+
+    #[tokio::test]
+    async fn the_backend_reads_the_kek_id_without_writing_to_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(STORE_FILE);
+        let backend = RedbBackend::new(path.clone());
+        assert_eq!(backend.recorded_kek_id().await.unwrap(), None);
+        assert!(!path.exists(), "the check creates nothing");
+        let store = backend.open().await.unwrap();
+        assert_eq!(backend.location(), path.display().to_string());
+        store.meta_put(META_KEK_ID, "kek-1").await.unwrap();
+        drop(store);
+        let before = std::fs::read(&path).unwrap();
+        assert_eq!(
+            backend.recorded_kek_id().await.unwrap().as_deref(),
+            Some("kek-1")
+        );
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            before,
+            "the store is unchanged"
         );
     }
 }
