@@ -15,7 +15,7 @@ build: deps
 
 # Unit tests, then the end-to-end tests that run the real binaries (built first). The
 # lifecycle tests also need the agent built with the test-only `failpoints` feature.
-test: build
+test: build lint
 	$(CARGO) build -p nodecrypt-agent --features failpoints --bin nodecrypt-agent
 	cp target/debug/nodecrypt-agent target/debug/nodecrypt-agent-failpoints
 	$(CARGO) build --workspace --bins
@@ -45,8 +45,11 @@ fuzz:
 fmt:
 	$(CARGO) fmt --all
 
-lint:
+# Lints are part of the test command: clippy with warnings as errors over every target,
+# and formatting.
+lint: deps
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) fmt --all -- --check
 
 clean:
 	$(CARGO) clean

@@ -1,5 +1,7 @@
 //! Compiles the nodecrypt protos with the vendored protoc (no system protoc needed).
 
+// `std::env::set_var` is unsafe (other threads may read the environment); here none do.
+#[allow(unsafe_code)]
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     // SAFETY: build scripts are single-threaded; nothing else reads the environment now.

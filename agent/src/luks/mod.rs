@@ -50,6 +50,8 @@ pub fn route_library_log() {
 
 /// libcryptsetup's log callback. Lossy on bytes that are not UTF-8 (a hostile header's
 /// strings must not abort the process, as a panic across this boundary would).
+// FFI: a C callback receives a raw C string; the one unsafe item of the agent's library.
+#[allow(unsafe_code)]
 unsafe extern "C" fn library_log(level: c_int, msg: *const c_char, _usrptr: *mut c_void) {
     if msg.is_null() {
         return;
