@@ -40,14 +40,14 @@
 //! `TOKIO_WORKER_THREADS` from the environment it inherits.
 
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nodecrypt_keybroker::{client, tls};
 use nodecrypt_proto::keybroker::v1 as pb;
+use nodecrypt_tests::{profile_dir, run_with_deadline, spawn_ready, stop_within};
 use pb::key_broker_client::KeyBrokerClient;
 use serde_json::json;
 use tonic::transport::Channel;
@@ -66,39 +66,10 @@ fn env_or(name: &str, default: u64) -> u64 {
         .unwrap_or(default)
 }
 
-/// `target/<profile>/`, where cargo put this bench's executable's parent `deps/`.
-fn profile_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("bench executable path");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/<bench>")
-        .to_path_buf()
-}
-
 /// Runs a command to completion with a deadline; panics with its output on failure.
 fn run_ok(cmd: &mut Command, deadline: Duration) {
-    let child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
-    let pid = child.id();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(deadline) {
-        Ok(Ok(out)) if out.status.success() => {}
-        Ok(out) => panic!("{cmd:?} failed: {out:?}"),
-        Err(_) => {
-            kill(pid, nix::sys::signal::Signal::SIGKILL);
-            panic!("{cmd:?} took longer than {deadline:?}");
-        }
-    }
-}
-
-fn kill(pid: u32, sig: nix::sys::signal::Signal) {
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
+    let out = run_with_deadline(cmd, deadline);
+    assert!(out.status.success(), "{cmd:?} failed: {out:?}");
 }
 
 /// A broker process; SIGTERM (then SIGKILL past 10 s) on drop.
@@ -152,21 +123,13 @@ impl Broker {
         )
         .expect("write broker config");
         let log = fs::File::create(dir.join(format!("broker-fsync-{fsync}.log"))).unwrap();
-        let mut child = Command::new(bin)
-            .args(["--log-format", "json", "serve", "--config"])
-            .arg(&config)
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .expect("spawn broker");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_default();
+        let (child, line) = spawn_ready(
+            Command::new(bin)
+                .args(["--log-format", "json", "serve", "--config"])
+                .arg(&config)
+                .stderr(log),
+            Duration::from_secs(60),
+        );
         let mut broker = Self {
             child: Some(child),
             addr: String::new(),
@@ -205,18 +168,10 @@ fn proc_cpu(pid: u32) -> Duration {
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        let Some(mut child) = self.child.take() else {
+        let Some(child) = self.child.take() else {
             return;
         };
-        let pid = child.id();
-        kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = tx.send(child.wait());
-        });
-        if rx.recv_timeout(Duration::from_secs(10)).is_err() {
-            kill(pid, nix::sys::signal::Signal::SIGKILL);
-        }
+        let _ = stop_within(child, Duration::from_secs(10));
         if let Some(log) = &self.audit_log {
             let _ = fs::remove_file(log);
         }

@@ -3,7 +3,6 @@
 
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,24 +10,6 @@ use std::time::{Duration, Instant};
 use nodecrypt_keybroker::{client, tls};
 use nodecrypt_proto::agent::v1 as pb;
 use nodecrypt_tests::*;
-
-/// `cryptsetup luksDump`, whitespace runs collapsed to one space.
-fn luks_dump(dev: &Path) -> String {
-    squash(&run_ok(Command::new("cryptsetup").arg("luksDump").arg(dev)))
-}
-
-fn squash(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
-fn luks_json(dev: &Path) -> serde_json::Value {
-    let out = run_ok(
-        Command::new("cryptsetup")
-            .args(["luksDump", "--dump-json-metadata"])
-            .arg(dev),
-    );
-    serde_json::from_str(&out).expect("luksDump JSON")
-}
 
 fn no_keys_in_logs(env: &Env, broker: &Broker, agent: &Agent, keys: &[Vec<u8>]) {
     assert_no_key_material("agent log", &agent.logs(), keys);

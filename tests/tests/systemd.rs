@@ -10,11 +10,12 @@
 //! test is the unit files, not the binaries.
 
 use std::fs;
-use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
+
+use nodecrypt_tests::run_with_deadline;
 
 const OUR_UNITS: &[&str] = &[
     "nodecrypt-agent.service",
@@ -33,38 +34,10 @@ fn units_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../systemd")
 }
 
-/// Runs `cmd` to completion within [`DEADLINE`]; kills it and panics past that.
+/// Runs `cmd` to completion within [`DEADLINE`]; kills it and panics past that
+/// (scripts/deps.sh installs systemd).
 fn run(cmd: &mut Command) -> Output {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e} (scripts/deps.sh installs systemd)"));
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    let (mut out, mut err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
-    let stderr = std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = err.read_to_end(&mut buf);
-        buf
-    });
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut buf = Vec::new();
-        let _ = out.read_to_end(&mut buf);
-        let _ = tx.send((buf, child.wait()));
-    });
-    match rx.recv_timeout(DEADLINE) {
-        Ok((stdout, status)) => Output {
-            status: status.expect("wait"),
-            stdout,
-            stderr: stderr.join().expect("stderr reader"),
-        },
-        Err(_) => {
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-            panic!("{cmd:?} did not finish within {DEADLINE:?}");
-        }
-    }
+    run_with_deadline(cmd.stdin(Stdio::null()), DEADLINE)
 }
 
 /// A private root: the host's unit files, ours, and executables at our ExecStart paths.
