@@ -7,9 +7,25 @@ use std::process::{Child, Command, ExitStatus};
 use std::time::Duration;
 
 use crate::pki::{Env, TRUST_DOMAIN};
-use crate::process::{bin, run_ok, spawn_ready};
+use crate::process::{bin, run_cli, run_ok, spawn_ready, CliOut};
 
 impl Env {
+    /// Runs `nodecrypt-keybroker admin --json` against `broker` with the admin identity
+    /// (`admin-ops`), e.g. `["describe", "vol-a"]` or `["destroy", "vol-a", "--yes"]`.
+    pub fn admin_cli(&self, broker: &Broker, args: &[&str]) -> CliOut {
+        let t = self.tls_files("admin-ops");
+        let mut cmd = Command::new(bin("nodecrypt-keybroker"));
+        cmd.args(["admin", "--json", "--endpoint", &broker.addr])
+            .arg("--cert")
+            .arg(&t.cert)
+            .arg("--key")
+            .arg(&t.key)
+            .arg("--ca")
+            .arg(&t.ca)
+            .args(args);
+        run_cli(cmd)
+    }
+
     /// Writes the broker config (port 0) and returns its path.
     pub fn broker_config(&self) -> PathBuf {
         self.broker_config_on("127.0.0.1:0")

@@ -3,7 +3,6 @@
 //! status table gives for it.
 
 use std::collections::BTreeMap;
-use std::process::Command;
 
 use nodecrypt_tests::luks2;
 use nodecrypt_tests::*;
@@ -69,17 +68,8 @@ fn unlock_all_codes_are_canonical_names_and_exit_codes_follow_the_table() {
     p.set_label("vol-elsewhere");
     s.set_label("vol-elsewhere");
     luks2::write_both(&files[2], &mut p, &mut s).unwrap();
-    let t = env.tls_files("admin-ops");
-    run_ok(
-        Command::new(bin("nodecrypt-keybroker"))
-            .args(["admin", "--endpoint", &broker.addr, "--cert"])
-            .arg(&t.cert)
-            .arg("--key")
-            .arg(&t.key)
-            .arg("--ca")
-            .arg(&t.ca)
-            .args(["destroy", "vol-destroyed", "--yes"]),
-    );
+    env.admin_cli(&broker, &["destroy", "vol-destroyed", "--yes"])
+        .ok();
 
     let agent = env.start_agent(&broker.addr, &opts);
     let out = agent.cli(&["--json", "unlock-all"]);

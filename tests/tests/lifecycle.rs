@@ -33,17 +33,7 @@ fn luks_json(dev: &Path) -> Option<serde_json::Value> {
 }
 
 fn admin(env: &Env, broker: &Broker, args: &[&str]) -> CliOut {
-    let t = env.tls_files("admin-ops");
-    let mut cmd = Command::new(bin("nodecrypt-keybroker"));
-    cmd.args(["admin", "--json", "--endpoint", &broker.addr])
-        .arg("--cert")
-        .arg(&t.cert)
-        .arg("--key")
-        .arg(&t.key)
-        .arg("--ca")
-        .arg(&t.ca)
-        .args(args);
-    run_cli(cmd)
+    env.admin_cli(broker, args)
 }
 
 fn describe(env: &Env, broker: &Broker, id: &str) -> serde_json::Value {

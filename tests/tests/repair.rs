@@ -189,17 +189,7 @@ fn erasing_a_volume_whose_header_is_refused_destroys_its_key_and_leaves_the_disk
         "a refused header was wiped by what it says"
     );
     // The key is gone at the broker: the volume's status names the destroy.
-    let t = env.tls_files("admin-ops");
-    let mut cmd = std::process::Command::new(bin("nodecrypt-keybroker"));
-    cmd.args(["admin", "--json", "--endpoint", &broker.addr])
-        .arg("--cert")
-        .arg(&t.cert)
-        .arg("--key")
-        .arg(&t.key)
-        .arg("--ca")
-        .arg(&t.ca)
-        .args(["describe", "vol-x"]);
-    let info = run_cli(cmd).ok().json()[0].clone();
+    let info = env.admin_cli(&broker, &["describe", "vol-x"]).ok().json()[0].clone();
     assert!(
         !info["destroyed_at"].as_str().unwrap_or_default().is_empty(),
         "{info}"
