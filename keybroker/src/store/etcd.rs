@@ -189,17 +189,23 @@ impl EtcdStore {
     ) -> Result<T, StoreError> {
         match tokio::time::timeout(self.timeout, fut).await {
             Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) if is_deadline(&e) => Err(self.no_answer(what)),
             Ok(Err(e)) => Err(StoreError::Backend(format!(
                 "etcd ({}) {what}: {}",
                 self.endpoints,
                 describe(&e)
             ))),
-            Err(_) => Err(StoreError::Backend(format!(
-                "etcd ({}) {what}: no answer within {} ms (no quorum, or unreachable)",
-                self.endpoints,
-                self.timeout.as_millis()
-            ))),
+            Err(_) => Err(self.no_answer(what)),
         }
+    }
+
+    fn no_answer(&self, what: &str) -> StoreError {
+        StoreError::Backend(format!(
+            "etcd ({}) {what}: no answer within {} ms (the cluster has no quorum, or no \
+             member is reachable)",
+            self.endpoints,
+            self.timeout.as_millis()
+        ))
     }
 
     /// One page of records: keys in `[from, end)` at `revision` (0: the current one).
@@ -239,6 +245,12 @@ fn describe(e: &etcd_client::Error) -> String {
         etcd_client::Error::GRpcStatus(s) => format!("{:?}: {}", s.code(), s.message()),
         e => e.to_string(),
     }
+}
+
+/// The client's own per-request deadline (tonic cancels the call: "Timeout expired").
+fn is_deadline(e: &etcd_client::Error) -> bool {
+    matches!(e, etcd_client::Error::GRpcStatus(s)
+        if s.code() == tonic::Code::Cancelled && s.message().contains("Timeout expired"))
 }
 
 fn is_compacted(e: &StoreError) -> bool {
