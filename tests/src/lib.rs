@@ -14,6 +14,7 @@ use nodecrypt_keybroker::{client, tls};
 use nodecrypt_proto::keybroker::v1::key_broker_client::KeyBrokerClient;
 use tonic::transport::Channel;
 
+pub mod etcd;
 pub mod luks2;
 
 /// The trust domain of every test PKI.
