@@ -256,7 +256,10 @@ fn a_destroy_on_one_replica_is_seen_at_once_by_the_other() {
         }
         let took = started.elapsed();
         let served = served.load(std::sync::atomic::Ordering::Relaxed);
-        eprintln!("destroy on A, fetch on B: {DESTROY_BATCH} volumes in {took:.1?}, {served} keys served after their destroy");
+        eprintln!(
+            "destroy on A, fetch on B: {DESTROY_BATCH} volumes in {took:.1?}, {served} keys \
+             served after their destroy"
+        );
         assert_eq!(served, 0, "replica B served {served} destroyed keys");
     });
 }

@@ -1,7 +1,8 @@
 //! Volume records and the [`KeyStore`] trait: get, compare-and-swap put on a record
 //! revision, list, and store metadata. The embedded implementation is [`redb::RedbStore`];
-//! the scale-out one is [`etcd::EtcdStore`] (revisions are etcd's mod_revision), shared by
-//! several broker replicas. [`memory::MemoryStore`] keeps records in memory, for tests and benchmarks.
+//! the scale-out one is [`etcd::EtcdStore`] (revisions are etcd's mod_revision), shared
+//! by several broker replicas. [`memory::MemoryStore`] keeps records in memory, for tests
+//! and benchmarks.
 
 pub mod etcd;
 pub mod memory;
