@@ -13,6 +13,8 @@ packages=(
   kmod                                    # modprobe/lsmod in doctor
   fdisk                                   # sfdisk: partition tables in tests
   systemd                                 # systemd-analyze and systemd-fstab-generator (tests/tests/systemd.rs)
+  etcd-server etcd-client                 # the broker's scale-out store: a real 3-member cluster in tests/tests/etcd.rs
+  protobuf-compiler libprotobuf-dev       # protoc and its well-known types, for etcd-client's build script
   qemu-system-x86 busybox-static debootstrap dmsetup binutils  # VM tests: TCG guest, its initramfs and root image
   ${NODECRYPT_EXTRA_PACKAGES:-}
 )

@@ -65,6 +65,147 @@ pub struct Config {
     /// whatever this says.
     #[serde(default)]
     pub allow_recovery_reads: bool,
+    /// Where volume records live (default: redb in `state_dir`).
+    #[serde(default)]
+    pub store: StoreConfig,
+}
+
+/// Which store backend holds the volume records.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreBackend {
+    /// One file (`<state_dir>/keys.redb`), one broker: the default.
+    #[default]
+    Redb,
+    /// An etcd cluster, shared by several broker replicas.
+    Etcd,
+}
+
+/// `[store]`: the key store. With `backend = "etcd"`, every replica that shares
+/// `endpoints` and `prefix` serves the same volumes (and must load the same KEK).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `"redb"` (default) or `"etcd"`.
+    #[serde(default)]
+    pub backend: StoreBackend,
+    /// etcd client URLs, `https://host:port` each (etcd only; required there).
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    /// Key prefix in etcd (default `/nodecrypt`): records under `<prefix>/volumes/`,
+    /// metadata under `<prefix>/meta/`.
+    #[serde(default = "store_prefix")]
+    pub prefix: String,
+    /// PEM CA certificate(s) etcd's certificates chain to (etcd only; required there).
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// PEM client certificate the broker presents to etcd (etcd only; required there).
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// Its private key (mode 0600; etcd only; required there).
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// Deadline of every etcd call in milliseconds (default 2000): past it the call is
+    /// answered `UNAVAILABLE`, never from a stale copy.
+    #[serde(default = "store_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            backend: StoreBackend::Redb,
+            endpoints: Vec::new(),
+            prefix: store_prefix(),
+            ca: None,
+            cert: None,
+            key: None,
+            timeout_ms: store_timeout_ms(),
+        }
+    }
+}
+
+fn store_prefix() -> String {
+    "/nodecrypt".into()
+}
+fn store_timeout_ms() -> u64 {
+    2000
+}
+
+impl StoreConfig {
+    /// Checks the section; `Err(what is wrong)`.
+    fn check(&self) -> Result<(), String> {
+        let etcd_only = !self.endpoints.is_empty()
+            || self.ca.is_some()
+            || self.cert.is_some()
+            || self.key.is_some();
+        match self.backend {
+            StoreBackend::Redb if etcd_only => Err(
+                "[store] endpoints, ca, cert and key are for backend = \"etcd\"; the redb store \
+                 lives in state_dir"
+                    .into(),
+            ),
+            StoreBackend::Redb => Ok(()),
+            StoreBackend::Etcd => {
+                if self.endpoints.is_empty() {
+                    return Err("[store] backend = \"etcd\" needs endpoints = \
+                                [\"https://host:2379\", …], the cluster's client URLs"
+                        .into());
+                }
+                if let Some(e) = self.endpoints.iter().find(|e| !e.starts_with("https://")) {
+                    return Err(format!(
+                        "[store] endpoint {e:?} is not https://: the broker talks to etcd over \
+                         TLS with a client certificate only"
+                    ));
+                }
+                for (name, v) in [("ca", &self.ca), ("cert", &self.cert), ("key", &self.key)] {
+                    if v.is_none() {
+                        return Err(format!(
+                            "[store] backend = \"etcd\" needs {name} (the broker authenticates \
+                             to etcd with a client certificate: ca, cert and key)"
+                        ));
+                    }
+                }
+                if self.prefix.is_empty()
+                    || !self.prefix.starts_with('/')
+                    || self.prefix.ends_with('/')
+                {
+                    return Err(format!(
+                        "[store] prefix {:?} must start with / and not end with one (e.g. \
+                         \"/nodecrypt\")",
+                        self.prefix
+                    ));
+                }
+                if self.timeout_ms == 0 {
+                    return Err(
+                        "[store] timeout_ms = 0 would fail every call; leave it out \
+                                for the default (2000)"
+                            .into(),
+                    );
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The etcd client settings (`None` for the redb backend).
+    pub fn etcd(&self) -> Option<crate::store::etcd::EtcdSettings> {
+        match (self.backend, &self.ca, &self.cert, &self.key) {
+            (StoreBackend::Etcd, Some(ca), Some(cert), Some(key)) => {
+                Some(crate::store::etcd::EtcdSettings {
+                    endpoints: self.endpoints.clone(),
+                    prefix: self.prefix.clone(),
+                    tls: TlsFiles {
+                        cert: cert.clone(),
+                        key: key.clone(),
+                        ca: ca.clone(),
+                    },
+                    timeout: std::time::Duration::from_millis(self.timeout_ms),
+                })
+            }
+            _ => None,
+        }
+    }
 }
 
 fn yes() -> bool {
@@ -126,6 +267,7 @@ impl Config {
                 )));
             }
         }
+        cfg.store.check().map_err(err)?;
         if cfg.trust_domain.is_empty() || cfg.trust_domain.contains('/') {
             return Err(err(format!(
                 "trust_domain {:?} is not a domain name",
@@ -210,6 +352,51 @@ mod tests {
         let cfg = load("max_connections = 10\nallow_recovery_reads = true").unwrap();
         assert_eq!(cfg.limits().max_connections, 10);
         assert!(cfg.allow_recovery_reads);
+    }
+
+    #[test]
+    fn the_store_is_redb_by_default_and_etcd_needs_endpoints_and_tls() {
+        let cfg = load("").unwrap();
+        assert_eq!(cfg.store.backend, StoreBackend::Redb);
+        assert!(cfg.store.etcd().is_none());
+        let tls = "ca = \"/a\"\ncert = \"/c\"\nkey = \"/k\"";
+        let e = load("[store]\nbackend = \"etcd\"").unwrap_err().to_string();
+        assert!(e.contains("needs endpoints"), "{e}");
+        let e = load("[store]\nbackend = \"etcd\"\nendpoints = [\"https://127.0.0.1:2379\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("needs ca"), "{e}");
+        let e = load(&format!(
+            "[store]\nbackend = \"etcd\"\nendpoints = [\"http://127.0.0.1:2379\"]\n{tls}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("not https://"), "{e}");
+        let e = load("[store]\nendpoints = [\"https://127.0.0.1:2379\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("are for backend = \"etcd\""), "{e}");
+        assert!(
+            load("[store]\nbackend = \"etcd\"\nendpoint = []").is_err(),
+            "unknown fields are refused"
+        );
+        assert!(load("[store]\nbackend = \"consul\"").is_err());
+        let cfg = load(&format!(
+            "[store]\nbackend = \"etcd\"\nendpoints = [\"https://127.0.0.1:2379\", \
+             \"https://127.0.0.1:2381\"]\nprefix = \"/rack-7\"\ntimeout_ms = 500\n{tls}"
+        ))
+        .unwrap();
+        let s = cfg.store.etcd().unwrap();
+        assert_eq!(s.endpoints.len(), 2);
+        assert_eq!(s.prefix, "/rack-7");
+        assert_eq!(s.timeout, std::time::Duration::from_millis(500));
+        assert_eq!(s.tls.key, PathBuf::from("/k"));
+        let e = load(&format!(
+            "[store]\nbackend = \"etcd\"\nendpoints = [\"https://h:1\"]\nprefix = \"/p/\"\n{tls}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("prefix"), "{e}");
     }
 
     #[test]

@@ -14,6 +14,7 @@ use tracing::info;
 use crate::audit::{AuditError, AuditLog};
 use crate::config::Config;
 use crate::service::Broker;
+use crate::store::etcd::EtcdBackend;
 use crate::store::redb::{RedbBackend, STORE_FILE};
 use crate::store::{Backend, KeyStore, StoreError};
 use crate::tls::{self, TlsError};
@@ -58,7 +59,10 @@ pub enum ServeError {
 /// Loads the KEK and opens the store, refusing a KEK the store was not written with.
 pub async fn open_state(cfg: &Config) -> Result<(Arc<Kek>, Arc<dyn KeyStore>), ServeError> {
     let kek = Arc::new(Kek::load(&cfg.state_dir)?);
-    let backend = RedbBackend::new(cfg.state_dir.join(STORE_FILE));
+    let backend: Box<dyn Backend> = match cfg.store.etcd() {
+        Some(settings) => Box::new(EtcdBackend::connect(settings).await?),
+        None => Box::new(RedbBackend::new(cfg.state_dir.join(STORE_FILE))),
+    };
     if let Some(expected) = backend.recorded_kek_id().await? {
         if expected != kek.id() {
             return Err(ServeError::WrongKek {

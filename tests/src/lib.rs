@@ -18,6 +18,7 @@
 pub mod agent;
 pub mod broker;
 pub mod cryptsetup;
+pub mod etcd;
 pub mod keys;
 pub mod luks2;
 pub mod pki;

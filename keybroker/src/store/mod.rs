@@ -1,8 +1,10 @@
 //! Volume records and the [`KeyStore`] trait: get, compare-and-swap put on a record
 //! revision, list, and store metadata. The embedded implementation is [`redb::RedbStore`];
-//! the trait is shaped for an etcd implementation (revisions map to mod_revision).
-//! [`memory::MemoryStore`] keeps records in memory, for tests and benchmarks.
+//! the scale-out one is [`etcd::EtcdStore`] (revisions are etcd's mod_revision), shared
+//! by several broker replicas. [`memory::MemoryStore`] keeps records in memory, for tests
+//! and benchmarks.
 
+pub mod etcd;
 pub mod memory;
 pub mod redb;
 
