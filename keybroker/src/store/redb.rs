@@ -221,7 +221,14 @@ impl Backend for RedbBackend {
 
     async fn recorded_kek_id(&self) -> Result<Option<String>, StoreError> {
         let path = self.path.clone();
-        tokio::task::spawn_blocking(move || recorded_kek_id(&path))
+        tokio::task::spawn_blocking(move || recorded_meta(&path, META_KEK_ID))
+            .await
+            .map_err(|e| StoreError::Backend(e.to_string()))?
+    }
+
+    async fn recorded_meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let (path, key) = (self.path.clone(), key.to_string());
+        tokio::task::spawn_blocking(move || recorded_meta(&path, &key))
             .await
             .map_err(|e| StoreError::Backend(e.to_string()))?
     }
@@ -231,20 +238,21 @@ impl Backend for RedbBackend {
     }
 }
 
-/// Reads the KEK id the store records without writing to it (a read-only open).
+/// Reads the metadata value `key` (the KEK id, the sealed KEK) without writing to the
+/// store (a read-only open).
 ///
 /// After a crash or power loss the store was not closed, and a read-only open cannot
 /// rebuild redb's allocator state; the id is then read from a repaired private copy, so
 /// the store itself is not touched before the KEK is known to be the right one (the real
 /// open repairs it afterwards).
-fn recorded_kek_id(path: &Path) -> Result<Option<String>, StoreError> {
+fn recorded_meta(path: &Path, key: &str) -> Result<Option<String>, StoreError> {
     if !path.exists() {
         return Ok(None);
     }
     let backend =
         |e: &dyn std::fmt::Display| StoreError::Backend(format!("{}: {e}", path.display()));
     match redb::ReadOnlyDatabase::open(path) {
-        Ok(db) => kek_id_in(&db),
+        Ok(db) => meta_in(&db, key),
         Err(redb::DatabaseError::RepairAborted) => {
             let copy = path.with_extension("redb.kek-check");
             let _ = std::fs::remove_file(&copy); // a stale copy of a crash during this check
@@ -252,7 +260,7 @@ fn recorded_kek_id(path: &Path) -> Result<Option<String>, StoreError> {
                 .map_err(|e| backend(&e))
                 .and_then(|()| {
                     // Opening read-write repairs the copy.
-                    kek_id_in(&Database::create(&copy).map_err(|e| backend(&e))?)
+                    meta_in(&Database::create(&copy).map_err(|e| backend(&e))?, key)
                 });
             let _ = std::fs::remove_file(&copy);
             id
@@ -272,14 +280,14 @@ fn private_copy(from: &Path, to: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The KEK id in the store's `meta` table, if any.
-fn kek_id_in(db: &impl ReadableDatabase) -> Result<Option<String>, StoreError> {
+/// The value of `key` in the store's `meta` table, if any.
+fn meta_in(db: &impl ReadableDatabase, key: &str) -> Result<Option<String>, StoreError> {
     let r = db
         .begin_read()
         .map_err(|e| StoreError::Backend(e.to_string()))?;
     match r.open_table(META) {
         Ok(t) => Ok(t
-            .get(META_KEK_ID)
+            .get(key)
             .map_err(|e| StoreError::Backend(e.to_string()))?
             .map(|g| g.value().to_string())),
         Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
