@@ -2,8 +2,8 @@
 //! wrapped keys per KEK id. Ids and counts only: no key material, sealed or not.
 //!
 //! The KEK is unsealed (into locked, zeroizing memory) to learn its id and dropped; the
-//! store is opened to count its records only when that KEK is the store's, so a status
-//! never writes to a store its broker could not serve.
+//! store is only read (a read-only open), never written, so it can be run on a copy, or
+//! on a broker that refuses to start, without changing a byte.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -37,7 +37,7 @@ pub struct Status {
     pub kek_id: Option<String>,
     /// The unsealed KEK is the store's (or the store records none yet).
     pub kek_matches_store: Option<bool>,
-    /// Volume records (counted only when the KEK matches).
+    /// Volume records (counted only when the KEK matches the store's).
     pub volumes: Option<u64>,
     /// Wrapped (active) key versions per KEK id.
     pub wrapped_keys_by_kek: BTreeMap<String, u64>,
@@ -126,10 +126,9 @@ pub async fn status(cfg: &Config) -> Status {
 }
 
 async fn count(backend: &RedbBackend) -> Result<(u64, BTreeMap<String, u64>), String> {
-    let store = backend.open().await.map_err(|e| {
-        format!("{e} (a running broker holds the store's lock: stop it, or use `admin list`)")
+    let records = backend.recorded_records().await.map_err(|e| {
+        format!("{e} (a running broker holds the store open: stop it, or use `admin list`)")
     })?;
-    let records = store.list().await.map_err(|e| e.to_string())?;
     let mut by = BTreeMap::new();
     for r in &records {
         for w in r.versions.iter().filter_map(|v| v.wrapped.as_ref()) {
