@@ -14,6 +14,7 @@ packages=(
   fdisk                                   # sfdisk: partition tables in tests
   systemd                                 # systemd-analyze and systemd-fstab-generator (tests/tests/systemd.rs)
   qemu-system-x86 busybox-static debootstrap dmsetup binutils  # VM tests: TCG guest, its initramfs and root image
+  softhsm2 opensc                         # the broker's PKCS#11 KEK seal against SoftHSM2 (tests/tests/hsm.rs); pkcs11-tool
   ${NODECRYPT_EXTRA_PACKAGES:-}
 )
 
