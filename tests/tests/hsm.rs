@@ -464,6 +464,28 @@ fn init_is_idempotent_and_never_overwrites_a_wrapping_key() {
     // The first broker's state is untouched throughout.
     assert_eq!(tree_hashes(&state), before);
 
+    // A store written under a file KEK: sealing a new KEK for it is refused (its records
+    // would not open), and nothing is written; --import-kek of that file is the way.
+    drop(env.start_broker());
+    let file_state = env.state();
+    let file_before = tree_hashes(&file_state);
+    let config3 = broker_config(&env, "broker-3.toml", &file_state, &SealFields::of(&hsm));
+    let out = broker_cli(
+        &hsm.conf,
+        &["init", "--seal", "pkcs11", "--config", path_str(&config3)],
+    );
+    assert_ne!(out.code, 0);
+    assert!(
+        out.stderr.contains("was written with KEK") && out.stderr.contains("--import-kek"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        tree_hashes(&file_state),
+        file_before,
+        "a refused init wrote nothing"
+    );
+
     // --seal pkcs11 with a config that says file is refused, naming the config.
     let file_cfg = env.broker_config();
     let out = broker_cli(
