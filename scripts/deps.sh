@@ -16,6 +16,7 @@ packages=(
   etcd-server etcd-client                 # the broker's scale-out store: a real 3-member cluster in tests/tests/etcd.rs
   protobuf-compiler libprotobuf-dev       # protoc and its well-known types, for etcd-client's build script
   qemu-system-x86 busybox-static debootstrap dmsetup binutils  # VM tests: TCG guest, its initramfs and root image
+  softhsm2 opensc                         # the broker's PKCS#11 KEK seal against SoftHSM2 (tests/tests/hsm.rs); pkcs11-tool
   ${NODECRYPT_EXTRA_PACKAGES:-}
 )
 

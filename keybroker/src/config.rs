@@ -68,6 +68,9 @@ pub struct Config {
     /// Where volume records live (default: redb in `state_dir`).
     #[serde(default)]
     pub store: StoreConfig,
+    /// How the KEK is sealed (default: the KEK file `<state_dir>/kek`).
+    #[serde(default)]
+    pub seal: SealConfig,
 }
 
 /// Which store backend holds the volume records.
@@ -208,6 +211,49 @@ impl StoreConfig {
     }
 }
 
+/// `[seal]`: where the KEK comes from at start.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum SealConfig {
+    /// `kind = "file"`: the KEK is the file `<state_dir>/kek` (0600). For development and
+    /// the demo: whoever reads the state directory holds every key.
+    File {},
+    /// `kind = "pkcs11"`: the KEK is stored only wrapped (AES-256-GCM) by a non-extractable
+    /// key inside an HSM, in the store's metadata; unwrapped once, at start.
+    Pkcs11(Pkcs11Config),
+}
+
+/// `[seal] kind = "pkcs11"`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Pkcs11Config {
+    /// The PKCS#11 module (e.g. `/usr/lib/softhsm/libsofthsm2.so`).
+    pub module: PathBuf,
+    /// Label of the token that holds the wrapping key.
+    pub token_label: String,
+    /// Label of the wrapping key (an AES-256 secret key, sensitive, not extractable).
+    pub key_label: String,
+    /// File holding the token's user PIN (one line), mode 0600 or stricter, e.g. a
+    /// systemd credential (`LoadCredentialEncrypted=`). Never argv or the environment.
+    pub pin_file: PathBuf,
+}
+
+impl Default for SealConfig {
+    fn default() -> Self {
+        SealConfig::File {}
+    }
+}
+
+impl SealConfig {
+    /// `file` or `pkcs11`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SealConfig::File {} => "file",
+            SealConfig::Pkcs11(_) => "pkcs11",
+        }
+    }
+}
+
 fn yes() -> bool {
     true
 }
@@ -268,6 +314,13 @@ impl Config {
             }
         }
         cfg.store.check().map_err(err)?;
+        if let SealConfig::Pkcs11(p) = &cfg.seal {
+            for (name, v) in [("token_label", &p.token_label), ("key_label", &p.key_label)] {
+                if v.is_empty() {
+                    return Err(err(format!("[seal] {name} is empty")));
+                }
+            }
+        }
         if cfg.trust_domain.is_empty() || cfg.trust_domain.contains('/') {
             return Err(err(format!(
                 "trust_domain {:?} is not a domain name",
@@ -397,6 +450,30 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("prefix"), "{e}");
+    }
+
+    #[test]
+    fn the_seal_defaults_to_the_kek_file_and_refuses_unknown_fields() {
+        assert_eq!(load("").unwrap().seal, SealConfig::File {});
+        assert_eq!(
+            load("[seal]\nkind = \"file\"\n").unwrap().seal,
+            SealConfig::File {}
+        );
+        assert!(
+            load("[seal]\nkind = \"file\"\nmodule = \"/m.so\"\n").is_err(),
+            "the file seal takes no HSM fields"
+        );
+        let p = "[seal]\nkind = \"pkcs11\"\nmodule = \"/m.so\"\ntoken_label = \"t\"\n\
+                 key_label = \"k\"\npin_file = \"/p\"\n";
+        // The [seal] table goes after the top-level keys, before [tls].
+        let cfg = load(p).unwrap();
+        assert_eq!(cfg.seal.kind(), "pkcs11");
+        assert!(
+            load(&format!("{p}pin = \"1234\"\n")).is_err(),
+            "no PIN in the config"
+        );
+        assert!(load("[seal]\nkind = \"tpm\"\n").is_err());
+        assert!(load(&p.replace("key_label = \"k\"", "key_label = \"\"")).is_err());
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod authz;
 pub mod config;
 pub mod keys;
 pub mod pki;
+pub mod seal;
 pub mod server;
 pub mod service;
 pub mod store;

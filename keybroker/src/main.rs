@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use nodecrypt_keybroker::seal::{init, status};
 use nodecrypt_keybroker::{audit, client, config::Config, pki, server, tls, wrap::Kek};
 use nodecrypt_proto::keybroker::v1 as pb;
 
@@ -22,11 +23,40 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Create the state directory (0700) and a new 256-bit KEK (0600). Never overwrites a KEK.
+    /// Create a new 256-bit KEK, sealed. `--seal file` (the default): the state directory
+    /// (0700) and a KEK file in it (0600). `--seal pkcs11`: the KEK sealed by the HSM key
+    /// the config's [seal] section names, stored in the key store; idempotent (an existing
+    /// sealed KEK is checked and left as it is). Never overwrites a KEK.
     Init {
-        /// State directory.
+        /// State directory (`--seal file`; or taken from --config).
+        #[arg(long, required_unless_present = "config")]
+        state_dir: Option<PathBuf>,
+        /// How to seal the KEK.
+        #[arg(long, default_value = "file", value_parser = ["file", "pkcs11"])]
+        seal: String,
+        /// Broker configuration (required with `--seal pkcs11`: its [seal] section names
+        /// the module, token, key and PIN file).
         #[arg(long)]
-        state_dir: PathBuf,
+        config: Option<PathBuf>,
+        /// pkcs11: create the wrapping key in the token first (AES-256, sensitive, not
+        /// extractable); refused if a key of that label exists.
+        #[arg(long)]
+        create_key: bool,
+        /// pkcs11: seal the KEK of this KEK file instead of a new one (moving a
+        /// file-sealed store to the HSM; shred the file afterwards).
+        #[arg(long)]
+        import_kek: Option<PathBuf>,
+    },
+    /// The seal, whether the HSM answers, the KEK's id, and wrapped keys per KEK id (run
+    /// while the broker is stopped: it holds the store's lock). No key material. Exit 1
+    /// unless the broker would start.
+    Status {
+        /// Broker configuration.
+        #[arg(long)]
+        config: PathBuf,
+        /// One JSON document on stdout.
+        #[arg(long)]
+        json: bool,
     },
     /// Serve the KeyBroker gRPC API (TLS 1.3, client certificates required).
     Serve {
@@ -148,10 +178,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     nodecrypt_common::logging::init(&cli.log_format, &[]);
     // No core dumps and no ptrace by non-root, for every command; no key page in swap for
-    // the ones that hold keys (serve: the KEK and unwrapped keys; init: the new KEK). The
+    // the ones that hold keys (serve: the KEK and unwrapped keys; init: the new KEK;
+    // status: the KEK, unsealed to learn its id). The
     // others (an operator's admin CLI, pki, audit verify) hold none and stay quiet.
     match cli.cmd {
-        Cmd::Serve { .. } | Cmd::Init { .. } => nodecrypt_keybroker::process::harden(),
+        Cmd::Serve { .. } | Cmd::Init { .. } | Cmd::Status { .. } => {
+            nodecrypt_keybroker::process::harden()
+        }
         _ => nodecrypt_keybroker::process::non_dumpable(),
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -169,9 +202,25 @@ fn main() -> ExitCode {
 
 async fn run(cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
-        Cmd::Init { state_dir } => {
-            let kek = Kek::create(&state_dir)?;
-            println!("created KEK {} in {}", kek.id(), state_dir.display());
+        Cmd::Init {
+            state_dir,
+            seal,
+            config,
+            create_key,
+            import_kek,
+        } => init(state_dir, &seal, config, create_key, import_kek).await,
+        Cmd::Status { config, json } => {
+            let st = status::status(&Config::load(&config)?).await;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&st)?);
+            } else {
+                print!("{}", st.human());
+            }
+            anyhow::ensure!(
+                st.ok,
+                "the broker would not start with {}",
+                config.display()
+            );
             Ok(())
         }
         Cmd::Serve { config } => serve(Config::load(&config)?).await,
@@ -214,6 +263,62 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
         }
         Cmd::Admin(args) => admin(args).await,
     }
+}
+
+async fn init(
+    state_dir: Option<PathBuf>,
+    seal: &str,
+    config: Option<PathBuf>,
+    create_key: bool,
+    import_kek: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    if seal == "file" {
+        anyhow::ensure!(
+            !create_key && import_kek.is_none(),
+            "--create-key and --import-kek go with --seal pkcs11"
+        );
+        let state_dir = match (state_dir, config) {
+            (Some(d), _) => d,
+            (None, Some(c)) => Config::load(&c)?.state_dir,
+            (None, None) => anyhow::bail!("--state-dir or --config is required"),
+        };
+        let kek = Kek::create(&state_dir)?;
+        println!("created KEK {} in {}", kek.id(), state_dir.display());
+        return Ok(());
+    }
+    let config = config.context("--seal pkcs11 needs --config (its [seal] section)")?;
+    anyhow::ensure!(
+        state_dir.is_none(),
+        "--seal pkcs11 takes the state directory from --config, not --state-dir"
+    );
+    let cfg = Config::load(&config)?;
+    match init::init_pkcs11(&cfg, &config, create_key, import_kek.as_deref()).await? {
+        init::InitOutcome::AlreadySealed { kek_id } => println!(
+            "nothing to do: the store in {} already holds sealed KEK {kek_id}, and it unseals",
+            cfg.state_dir.display()
+        ),
+        init::InitOutcome::Sealed {
+            kek_id,
+            created_key,
+            imported,
+        } => {
+            if created_key {
+                println!("created the wrapping key in the HSM");
+            }
+            println!(
+                "sealed {} KEK {kek_id} into the store in {}",
+                if imported { "imported" } else { "new" },
+                cfg.state_dir.display()
+            );
+            if let Some(f) = import_kek {
+                println!(
+                    "the KEK file {} is no longer needed: shred it (shred -u)",
+                    f.display()
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn serve(cfg: Config) -> anyhow::Result<()> {

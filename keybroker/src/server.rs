@@ -13,12 +13,13 @@ use tracing::info;
 
 use crate::audit::{AuditError, AuditLog};
 use crate::config::Config;
+use crate::seal::{self, SealError, SealedKek, META_SEALED_KEK};
 use crate::service::Broker;
 use crate::store::etcd::EtcdBackend;
 use crate::store::redb::{RedbBackend, STORE_FILE};
 use crate::store::{Backend, KeyStore, StoreError};
 use crate::tls::{self, TlsError};
-use crate::wrap::{Kek, WrapError};
+use crate::wrap::Kek;
 use nodecrypt_common::serve::Drain;
 
 /// Metadata key holding the id of the KEK the store was written with.
@@ -27,13 +28,14 @@ pub use crate::store::META_KEK_ID;
 /// Why the broker could not start or stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    /// KEK file problem.
-    #[error(transparent)]
-    Kek(#[from] WrapError),
+    /// The KEK could not be unsealed (KEK file, HSM, PIN, wrapping key). Nothing was
+    /// written.
+    #[error("cannot unseal the KEK, refusing to start and changing nothing: {0}")]
+    Seal(#[from] SealError),
     /// The KEK is not the one the store was written with.
     #[error("the KEK in {kek_path} (id {loaded}) is not the KEK this store was written with (id {expected}); refusing to start and changing nothing. Restore the KEK file that belongs to {store_path}")]
     WrongKek {
-        /// KEK file.
+        /// Where the KEK came from (the KEK file; the HSM key).
         kek_path: String,
         /// Loaded id.
         loaded: String,
@@ -56,21 +58,36 @@ pub enum ServeError {
     Io(String),
 }
 
-/// Loads the KEK and opens the store, refusing a KEK the store was not written with.
+/// Unseals the KEK through the configured seal and opens the store, refusing a KEK the
+/// store was not written with. Nothing is written before the KEK is known to be the
+/// store's: the sealed KEK and the KEK id are read without writing.
 pub async fn open_state(cfg: &Config) -> Result<(Arc<Kek>, Arc<dyn KeyStore>), ServeError> {
-    let kek = Arc::new(Kek::load(&cfg.state_dir)?);
     let backend: Box<dyn Backend> = match cfg.store.etcd() {
         Some(settings) => Box::new(EtcdBackend::connect(settings).await?),
         None => Box::new(RedbBackend::new(cfg.state_dir.join(STORE_FILE))),
     };
+    let seal: Arc<dyn seal::Seal> = seal::from_config(&cfg.seal, &cfg.state_dir).into();
+    let sealed = match seal.in_store() {
+        true => Some(SealedKek::from_stored(
+            backend
+                .recorded_meta(META_SEALED_KEK)
+                .await?
+                .ok_or_else(|| SealError::NotSealed {
+                    store: backend.location(),
+                })?,
+        )),
+        false => None,
+    };
+    // The HSM (or the file) is blocking I/O: off the reactor.
+    let s = seal.clone();
+    let kek = tokio::task::spawn_blocking(move || s.unseal(sealed.as_ref()))
+        .await
+        .map_err(|e| ServeError::Io(e.to_string()))??;
+    let kek = Arc::new(kek);
     if let Some(expected) = backend.recorded_kek_id().await? {
         if expected != kek.id() {
             return Err(ServeError::WrongKek {
-                kek_path: cfg
-                    .state_dir
-                    .join(crate::wrap::KEK_FILE)
-                    .display()
-                    .to_string(),
+                kek_path: seal.describe(),
                 loaded: kek.id().to_string(),
                 expected,
                 store_path: backend.location(),
@@ -81,6 +98,7 @@ pub async fn open_state(cfg: &Config) -> Result<(Arc<Kek>, Arc<dyn KeyStore>), S
     if store.meta_get(META_KEK_ID).await?.is_none() {
         store.meta_put(META_KEK_ID, kek.id()).await?;
     }
+    info!(seal = seal.kind(), kek_id = kek.id(), "KEK unsealed");
     Ok((kek, store))
 }
 

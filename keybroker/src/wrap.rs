@@ -85,7 +85,53 @@ pub enum WrapError {
     },
 }
 
-/// The broker's key-encryption key (256 bits) and its id.
+/// Length of the KEK in bytes (AES-256).
+pub const KEK_LEN: usize = 32;
+
+/// The KEK's 32 bytes, on their way from the CSPRNG or a seal into a [`Kek`] (or from a
+/// KEK file into a seal): zeroized on drop; no Debug, Display, Clone or Serialize.
+pub struct KekSecret(Zeroizing<[u8; KEK_LEN]>);
+
+impl KekSecret {
+    /// 32 fresh bytes from the OS CSPRNG.
+    pub fn generate() -> Result<Self, WrapError> {
+        let mut k = Zeroizing::new([0u8; KEK_LEN]);
+        getrandom::fill(&mut k[..]).map_err(|e| WrapError::Random(e.to_string()))?;
+        Ok(Self(k))
+    }
+
+    /// Takes the bytes a seal unsealed; `None` unless exactly [`KEK_LEN`] bytes. The
+    /// caller's buffer stays the caller's to zeroize (hand it in as `Zeroizing`).
+    pub fn from_slice(bytes: &[u8]) -> Option<Self> {
+        let mut k = Zeroizing::new([0u8; KEK_LEN]);
+        if bytes.len() != KEK_LEN {
+            return None;
+        }
+        k.copy_from_slice(bytes);
+        Some(Self(k))
+    }
+
+    /// The bytes, for the one call that seals them.
+    pub fn expose(&self) -> &[u8; KEK_LEN] {
+        &self.0
+    }
+
+    /// The id the [`Kek`] made of these bytes has (a hash, safe to store and log).
+    pub fn id(&self) -> String {
+        kek_id(&self.0)
+    }
+}
+
+fn kek_id(bytes: &[u8; KEK_LEN]) -> String {
+    let digest = Sha256::new_with_prefix(b"nodecrypt kek id v1\0")
+        .chain_update(bytes)
+        .finalize();
+    format!("kek-{}", hex::encode(&digest[..8]))
+}
+
+/// The broker's key-encryption key (256 bits) and its id. The AES key schedule is
+/// zeroized on drop (`aes` with its `zeroize` feature); the process locks its memory
+/// (`process::harden`), so no page of it reaches swap.
 pub struct Kek {
     cipher: Aes256Gcm,
     id: String,
@@ -96,14 +142,16 @@ fn aad(volume_id: &str, version: u64) -> Vec<u8> {
 }
 
 impl Kek {
-    fn from_bytes(bytes: &[u8; 32]) -> Self {
-        let digest = Sha256::new_with_prefix(b"nodecrypt kek id v1\0")
-            .chain_update(bytes)
-            .finalize();
+    fn from_bytes(bytes: &[u8; KEK_LEN]) -> Self {
         Self {
             cipher: Aes256Gcm::new(bytes.into()),
-            id: format!("kek-{}", hex::encode(&digest[..8])),
+            id: kek_id(bytes),
         }
+    }
+
+    /// The KEK made of `secret` (which is dropped, and so zeroized, here).
+    pub fn from_secret(secret: KekSecret) -> Self {
+        Self::from_bytes(&secret.0)
     }
 
     /// The id of this KEK: a hash of it, safe to store and log.
@@ -114,6 +162,14 @@ impl Kek {
     /// Creates a new KEK file (mode 0600) in `state_dir` (created 0700). Refuses to
     /// overwrite an existing one.
     pub fn create(state_dir: &Path) -> Result<Self, WrapError> {
+        let key = KekSecret::generate()?;
+        Self::write_new(state_dir, &key)?;
+        Ok(Self::from_secret(key))
+    }
+
+    /// Writes `key` as a new KEK file (mode 0600) in `state_dir` (created 0700). Refuses
+    /// to overwrite an existing one.
+    pub fn write_new(state_dir: &Path, key: &KekSecret) -> Result<(), WrapError> {
         let err = |path: &Path, what: String| WrapError::KekFile {
             path: path.to_path_buf(),
             what,
@@ -122,8 +178,6 @@ impl Kek {
         fs::set_permissions(state_dir, fs::Permissions::from_mode(0o700))
             .map_err(|e| err(state_dir, e.to_string()))?;
         let path = state_dir.join(KEK_FILE);
-        let mut key = Zeroizing::new([0u8; 32]);
-        getrandom::fill(&mut key[..]).map_err(|e| WrapError::Random(e.to_string()))?;
         let mut f = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -137,16 +191,24 @@ impl Kek {
                 ),
                 _ => err(&path, e.to_string()),
             })?;
-        f.write_all(&key[..])
+        f.write_all(&key.expose()[..])
             .and_then(|_| f.sync_all())
-            .map_err(|e| err(&path, e.to_string()))?;
-        Ok(Self::from_bytes(&key))
+            .map_err(|e| err(&path, e.to_string()))
     }
 
     /// Loads the KEK file of `state_dir`; it must be exactly 32 bytes and not readable by
     /// group or others.
     pub fn load(state_dir: &Path) -> Result<Self, WrapError> {
-        let path = state_dir.join(KEK_FILE);
+        Ok(Self::from_secret(Self::read_file(
+            &state_dir.join(KEK_FILE),
+        )?))
+    }
+
+    /// The bytes of the KEK file `path`, checked as [`Kek::load`] checks them: for sealing
+    /// a file KEK into another seal (`init --seal pkcs11 --import-kek FILE`).
+    pub fn read_file(path: &Path) -> Result<KekSecret, WrapError> {
+        let state_dir = path.parent().unwrap_or(Path::new("."));
+        let path = path.to_path_buf();
         let err = |what: String| WrapError::KekFile {
             path: path.clone(),
             what,
@@ -167,11 +229,13 @@ impl Kek {
         fs::File::open(&path)
             .and_then(|f| f.take(33).read_to_end(&mut buf))
             .map_err(|e| err(e.to_string()))?;
-        let key: &[u8; 32] = buf
+        let key: &[u8; KEK_LEN] = buf
             .as_slice()
             .try_into()
             .map_err(|_| err(format!("is {} bytes; a KEK is exactly 32", buf.len())))?;
-        Ok(Self::from_bytes(key))
+        let mut k = Zeroizing::new([0u8; KEK_LEN]);
+        k.copy_from_slice(key);
+        Ok(KekSecret(k))
     }
 
     /// Wraps `key` for (`volume_id`, `version`).

@@ -118,6 +118,11 @@ impl Backend for EtcdBackend {
         self.store.meta_get(META_KEK_ID).await
     }
 
+    /// A plain read: etcd metadata is read without writing (e.g. the sealed KEK).
+    async fn recorded_meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        self.store.meta_get(key).await
+    }
+
     async fn open(&self) -> Result<Arc<dyn KeyStore>, StoreError> {
         Ok(self.store.clone())
     }

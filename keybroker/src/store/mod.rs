@@ -128,6 +128,15 @@ pub trait Backend: Send + Sync {
     /// that does not exist yet or records no id.
     async fn recorded_kek_id(&self) -> Result<Option<String>, StoreError>;
 
+    /// A metadata value (e.g. the sealed KEK), read as [`Backend::recorded_kek_id`] reads
+    /// the KEK id: without writing to the store. A backend that cannot says so.
+    async fn recorded_meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        Err(StoreError::Backend(format!(
+            "{}: this store cannot read metadata {key:?} before it is opened",
+            self.location()
+        )))
+    }
+
     /// Opens (or creates) the store for reading and writing.
     async fn open(&self) -> Result<Arc<dyn KeyStore>, StoreError>;
 }

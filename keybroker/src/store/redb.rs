@@ -211,6 +211,36 @@ impl RedbBackend {
     pub fn new(path: PathBuf) -> Self {
         Self { path }
     }
+
+    /// Every record, read without writing to the store (for `status`); empty for a store
+    /// that does not exist. Fails while a broker holds the store open.
+    pub async fn recorded_records(&self) -> Result<Vec<VolumeRecord>, StoreError> {
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            Ok(read_only(&path, |db| {
+                let r = db
+                    .begin_read()
+                    .map_err(|e| StoreError::Backend(e.to_string()))?;
+                let vols = match r.open_table(VOLUMES) {
+                    Ok(t) => t,
+                    Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+                    Err(e) => return Err(StoreError::Backend(e.to_string())),
+                };
+                let mut out = Vec::new();
+                for item in vols
+                    .iter()
+                    .map_err(|e| StoreError::Backend(e.to_string()))?
+                {
+                    let (k, v) = item.map_err(|e| StoreError::Backend(e.to_string()))?;
+                    out.push(decode(k.value(), v.value())?);
+                }
+                Ok(out)
+            })?
+            .unwrap_or_default())
+        })
+        .await
+        .map_err(|e| StoreError::Backend(e.to_string()))?
+    }
 }
 
 #[async_trait::async_trait]
@@ -221,7 +251,14 @@ impl Backend for RedbBackend {
 
     async fn recorded_kek_id(&self) -> Result<Option<String>, StoreError> {
         let path = self.path.clone();
-        tokio::task::spawn_blocking(move || recorded_kek_id(&path))
+        tokio::task::spawn_blocking(move || recorded_meta(&path, META_KEK_ID))
+            .await
+            .map_err(|e| StoreError::Backend(e.to_string()))?
+    }
+
+    async fn recorded_meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let (path, key) = (self.path.clone(), key.to_string());
+        tokio::task::spawn_blocking(move || recorded_meta(&path, &key))
             .await
             .map_err(|e| StoreError::Backend(e.to_string()))?
     }
@@ -231,31 +268,41 @@ impl Backend for RedbBackend {
     }
 }
 
-/// Reads the KEK id the store records without writing to it (a read-only open).
+/// Reads the metadata value `key` (the KEK id, the sealed KEK) without writing to the
+/// store (a read-only open).
+fn recorded_meta(path: &Path, key: &str) -> Result<Option<String>, StoreError> {
+    Ok(read_only(path, |db| meta_in(db, key))?.flatten())
+}
+
+/// Runs `f` on the store opened read-only, without writing to it; `None` for a store that
+/// does not exist.
 ///
 /// After a crash or power loss the store was not closed, and a read-only open cannot
-/// rebuild redb's allocator state; the id is then read from a repaired private copy, so
-/// the store itself is not touched before the KEK is known to be the right one (the real
-/// open repairs it afterwards).
-fn recorded_kek_id(path: &Path) -> Result<Option<String>, StoreError> {
+/// rebuild redb's allocator state; `f` then reads a repaired private copy, so the store
+/// itself is not touched before the KEK is known to be the right one (the real open
+/// repairs it afterwards).
+fn read_only<T>(
+    path: &Path,
+    f: impl Fn(&dyn ReadableDatabase) -> Result<T, StoreError>,
+) -> Result<Option<T>, StoreError> {
     if !path.exists() {
         return Ok(None);
     }
     let backend =
         |e: &dyn std::fmt::Display| StoreError::Backend(format!("{}: {e}", path.display()));
     match redb::ReadOnlyDatabase::open(path) {
-        Ok(db) => kek_id_in(&db),
+        Ok(db) => f(&db).map(Some),
         Err(redb::DatabaseError::RepairAborted) => {
             let copy = path.with_extension("redb.kek-check");
             let _ = std::fs::remove_file(&copy); // a stale copy of a crash during this check
-            let id = private_copy(path, &copy)
+            let out = private_copy(path, &copy)
                 .map_err(|e| backend(&e))
                 .and_then(|()| {
                     // Opening read-write repairs the copy.
-                    kek_id_in(&Database::create(&copy).map_err(|e| backend(&e))?)
+                    f(&Database::create(&copy).map_err(|e| backend(&e))?)
                 });
             let _ = std::fs::remove_file(&copy);
-            id
+            out.map(Some)
         }
         Err(e) => Err(backend(&e)),
     }
@@ -272,14 +319,14 @@ fn private_copy(from: &Path, to: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// The KEK id in the store's `meta` table, if any.
-fn kek_id_in(db: &impl ReadableDatabase) -> Result<Option<String>, StoreError> {
+/// The value of `key` in the store's `meta` table, if any.
+fn meta_in(db: &dyn ReadableDatabase, key: &str) -> Result<Option<String>, StoreError> {
     let r = db
         .begin_read()
         .map_err(|e| StoreError::Backend(e.to_string()))?;
     match r.open_table(META) {
         Ok(t) => Ok(t
-            .get(META_KEK_ID)
+            .get(key)
             .map_err(|e| StoreError::Backend(e.to_string()))?
             .map(|g| g.value().to_string())),
         Err(redb::TableError::TableDoesNotExist(_)) => Ok(None),
