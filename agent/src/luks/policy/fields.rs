@@ -21,7 +21,7 @@ pub(super) fn only_fields(
     match obj.keys().find(|k| !allowed.contains(&k.as_str())) {
         Some(k) => refuse(
             reason,
-            format!("{what} has a field {k:?} nodecrypt does not write"),
+            format!("{what} has a field {} nodecrypt does not write", q(k)),
         ),
         None => Ok(()),
     }
@@ -96,7 +96,7 @@ pub(super) fn ids(obj: &Map<String, Value>, reason: &'static str, what: &str) ->
                 .ok()
                 .filter(|n| n.to_string() == *k && *n < 32)
                 .ok_or_else(|| {
-                    Refusal::new(reason, format!("{what} id {k:?} is not a number 0-31"))
+                    Refusal::new(reason, format!("{what} id {} is not a number 0-31", q(k)))
                 })
         })
         .collect()
@@ -114,4 +114,11 @@ pub(super) fn id_list(v: Option<&Value>, reason: &'static str, what: &str) -> Ju
                 .ok_or_else(|| Refusal::new(reason, format!("{what} holds {x}, not an id string")))
         })
         .collect()
+}
+
+/// A string from the header for a message: quoted, control characters escaped, cut at 64
+/// characters (a hostile header's strings can be megabytes; messages travel in HTTP/2
+/// headers and logs).
+pub(super) fn q(s: &str) -> String {
+    nodecrypt_common::name::quote(s)
 }

@@ -4,7 +4,7 @@
 use serde_json::{Map, Value};
 
 use super::fields::{
-    id_list, ids, json_int, json_str, json_u64, object, only_fields, refuse, shown, Judged,
+    id_list, ids, json_int, json_str, json_u64, object, only_fields, q, refuse, shown, Judged,
 };
 use super::{Geometry, AF_STRIPES, KEY_BYTES, MAX_KEYSLOTS, MAX_PBKDF2_ITERATIONS};
 use crate::luks::CIPHER_SPEC;
@@ -17,11 +17,11 @@ fn pbkdf2(
 ) -> Judged<()> {
     let kind = json_str(kdf.get("type"), reason_kdf, &format!("{what} kdf type"))?;
     if kind != "pbkdf2" {
-        return refuse(reason_kdf, format!("{what} uses {kind:?}; nodecrypt writes pbkdf2 (a memory-hard kdf on a 512-bit random key only stalls the agent)"));
+        return refuse(reason_kdf, format!("{what} uses {}; nodecrypt writes pbkdf2 (a memory-hard kdf on a 512-bit random key only stalls the agent)", q(kind)));
     }
     let hash = json_str(kdf.get("hash"), reason_kdf, &format!("{what} hash"))?;
     if hash != "sha256" {
-        return refuse(reason_kdf, format!("{what} hash {hash:?} is not sha256"));
+        return refuse(reason_kdf, format!("{what} hash {} is not sha256", q(hash)));
     }
     let iterations = json_int(
         kdf.get("iterations"),
@@ -56,7 +56,7 @@ pub(super) fn keyslots(root: &Map<String, Value>, geo: &Geometry, min: usize) ->
         if kind != "luks2" {
             return refuse(
                 "keyslot.type",
-                format!("{what} is of type {kind:?}, not \"luks2\""),
+                format!("{what} is of type {}, not \"luks2\"", q(kind)),
             );
         }
         only_fields(
@@ -199,7 +199,10 @@ pub(super) fn digest(root: &Map<String, Value>, keyslots: &[u32]) -> Judged<()> 
     if slots != keyslots {
         return refuse(
             "digest.field",
-            format!("{what} covers keyslots {slots:?}, not the header's {keyslots:?}"),
+            format!(
+                "{what} covers keyslots {}, not the header's {keyslots:?}",
+                shown(d.get("keyslots"))
+            ),
         );
     }
     if id_list(

@@ -27,7 +27,7 @@ mod fields;
 mod keyslot;
 
 use fields::{
-    id_list, ids, json_int, json_str, json_u64, object, only_fields, refuse, shown, Judged,
+    id_list, ids, json_int, json_str, json_u64, object, only_fields, q, refuse, shown, Judged,
 };
 use keyslot::{digest, keyslots};
 
@@ -192,7 +192,8 @@ fn segment(root: &Map<String, Value>, geo: &Geometry, device_size: u64) -> Judge
         return refuse(
             "segment.type",
             format!(
-                "segment 0 is of type {kind:?}, not \"crypt\": its data would not be encrypted"
+                "segment 0 is of type {}, not \"crypt\": its data would not be encrypted",
+                q(kind)
             ),
         );
     }
@@ -219,7 +220,7 @@ fn segment(root: &Map<String, Value>, geo: &Geometry, device_size: u64) -> Judge
     if enc != CIPHER_SPEC {
         return refuse(
             "segment.encryption",
-            format!("segment 0 encryption {enc:?} is not {CIPHER_SPEC:?}"),
+            format!("segment 0 encryption {} is not {CIPHER_SPEC:?}", q(enc)),
         );
     }
     let sector = json_int(
@@ -340,7 +341,7 @@ fn token(root: &Map<String, Value>, keyslots: &[u32], rule: Stage) -> Judged<Opt
     if kind != TOKEN_TYPE {
         return refuse(
             "token.type",
-            format!("{what} is of type {kind:?}, not {TOKEN_TYPE:?}"),
+            format!("{what} is of type {}, not {TOKEN_TYPE:?}", q(kind)),
         );
     }
     only_fields(

@@ -453,3 +453,27 @@ fn an_erase_that_stopped_after_the_keyslots_is_judged_for_that_stage() {
     let h = judge(&p, DEVICE, Stage::Erasing).unwrap();
     assert!(h.keyslots.is_empty() && h.token.is_some());
 }
+
+#[test]
+fn a_refusal_quotes_the_headers_strings_cut_short() {
+    let long = "x\n".repeat(3_000); // as much as a 16 KiB header holds
+    let cases: [fn(&mut Value, &str); 3] = [
+        |j, s| j["segments"]["0"]["type"] = json!(s),
+        |j, s| j["keyslots"]["0"]["kdf"]["type"] = json!(s),
+        |j, s| {
+            j["tokens"]["0"][s] = json!(1);
+        },
+    ];
+    for set in cases {
+        let mut j = good();
+        set(&mut j, &long);
+        let e = verdict(&j, DEVICE).unwrap_err();
+        assert!(
+            e.message.len() < 400,
+            "{} bytes: {}…",
+            e.message.len(),
+            &e.message[..80]
+        );
+        assert!(!e.message.contains('\n'), "control characters are escaped");
+    }
+}
