@@ -114,9 +114,11 @@ impl Agent {
                 size: dev.size,
             });
         }
+        // One read of the header, judged for both stages it can be in.
+        let prefix = luks::read_prefix(&dev.path, dev.size)?;
         let facts = Facts {
-            usable: luks::inspect(&dev.path, dev.size, Stage::Usable)?,
-            formatting: luks::inspect(&dev.path, dev.size, Stage::Formatting)?,
+            usable: luks::judge_prefix(&prefix, dev.size, Stage::Usable),
+            formatting: luks::judge_prefix(&prefix, dev.size, Stage::Formatting),
         };
         let decision = decide(&dev.path, facts, volume_id, force, &|| dev.signatures())?;
         if matches!(decision, Precheck::Resume) {
